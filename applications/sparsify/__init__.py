@@ -1,0 +1,1 @@
+"""L0-ARM network sparsification: data, models, training and tuning."""

@@ -1,0 +1,83 @@
+"""Argument checks at the public boundary.
+
+Checks that need the values of a tensor (finiteness) synchronise the host with the device,
+so like ``torch.distributions`` they can be switched off globally with
+:func:`set_validate_args` or per estimator with ``validate_args=False``; shape, dtype and
+device checks are always on because they cost nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_VALIDATE_ARGS = True
+
+
+def set_validate_args(value: bool) -> None:
+    """Turn value checks (NaN/inf in logits and in ``f``'s output) on or off globally."""
+    global _VALIDATE_ARGS
+    if not isinstance(value, bool):
+        raise TypeError(f"set_validate_args expects a bool; got {type(value).__name__}")
+    _VALIDATE_ARGS = value
+
+
+def validate_args_enabled() -> bool:
+    """Whether value checks are on globally (default ``True``)."""
+    return _VALIDATE_ARGS
+
+
+def check_logits(leaves: list[torch.Tensor], check_values: bool, what: str = "logits") -> None:
+    device = leaves[0].device
+    for i, leaf in enumerate(leaves):
+        name = f"{what}" if len(leaves) == 1 else f"{what}[{i}]"
+        if not leaf.is_floating_point():
+            raise TypeError(f"{name} must have a floating-point dtype; got {leaf.dtype}")
+        if leaf.device != device:
+            raise ValueError(
+                f"all {what} must be on one device; {what}[0] is on {device} "
+                f"but {name} is on {leaf.device}"
+            )
+        if check_values and not bool(torch.isfinite(leaf).all()):
+            bad = int((~torch.isfinite(leaf)).sum())
+            raise ValueError(
+                f"{name} must be finite; got {bad} NaN/inf value(s) in a tensor of shape "
+                f"{tuple(leaf.shape)}"
+            )
+
+
+def check_num_samples(num_samples: object, what: str = "num_samples") -> int:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int):
+        raise TypeError(f"{what} must be a positive int; got {type(num_samples).__name__}")
+    if num_samples < 1:
+        raise ValueError(f"{what} must be >= 1; got {num_samples}")
+    return num_samples
+
+
+def check_f_output(value: object, num_samples: int, device: torch.device, check_values: bool):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"f must return a torch.Tensor of shape ({num_samples},), one value per sample; "
+            f"got {type(value).__name__}"
+        )
+    if value.shape != (num_samples,):
+        raise ValueError(
+            f"f must return one value per sample: expected shape ({num_samples},) for "
+            f"samples with leading dimension {num_samples}; got shape {tuple(value.shape)}"
+        )
+    if value.device != device:
+        raise ValueError(f"f returned a tensor on {value.device}; expected {device}")
+    if check_values and not bool(torch.isfinite(value).all()):
+        raise ValueError("f returned non-finite values (NaN or inf)")
+    return value
+
+
+def check_generator(generator: object, device: torch.device) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise ValueError(
+            f"generator is on {generator.device} but the logits are on {device}; "
+            f"create it with torch.Generator(device={str(device)!r})"
+        )

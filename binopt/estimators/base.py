@@ -1,0 +1,258 @@
+"""The estimator contract shared by every family.
+
+An :class:`Estimator` turns a black-box objective ``f`` of binary samples into gradient
+estimates with respect to the Bernoulli logits ``alpha`` (``pi = sigmoid(alpha)``).
+
+The contract for ``f``
+----------------------
+``f`` receives samples with the same structure as the logits (one tensor, a list or a dict
+of tensors) where every tensor has one extra *leading* sample dimension ``S``:
+``samples[k].shape == (S, *logits[k].shape)``. It returns a tensor of shape ``(S,)``: one
+value per sample. Samples must be treated independently (value ``s`` may depend only on
+sample ``s``), which lets one call evaluate many samples in a vectorized way. Parameters
+``theta`` used inside ``f`` receive ordinary autograd gradients.
+
+Subclasses implement :meth:`Estimator._estimate`, which receives the logits expanded to
+``(N, *shape)`` (one copy per independent estimate) and returns ``N`` surrogate values
+whose *value* is a Monte Carlo estimate of ``E[f]`` and whose *gradient* with respect to
+the n-th copy of the logits is the n-th gradient estimate. Everything else (validation,
+structures, averaging, detached per-estimate gradients) is shared here.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+
+from .._structure import Structure, flatten
+from .._validation import (
+    check_f_output,
+    check_generator,
+    check_logits,
+    check_num_samples,
+    validate_args_enabled,
+)
+
+ObjectiveFn = Callable[[Any], torch.Tensor]
+
+
+class Estimator(abc.ABC):
+    """Abstract gradient estimator for ``E_{z ~ Bernoulli(sigmoid(alpha))}[f(z)]``.
+
+    Class attributes declare what an estimator is:
+
+    Attributes
+    ----------
+    name : str
+        Registry name used by :func:`binopt.get_estimator`.
+    unbiased : bool
+        Whether the estimate is unbiased for the gradient of the *Bernoulli* objective.
+    evaluations : int
+        Evaluations of ``f`` per estimate (instances may override via
+        :attr:`evaluations_per_estimate`, e.g. leave-one-out with K samples).
+    requires_differentiable_f : bool
+        Whether ``f`` must be differentiable in ``z`` (relaxations, straight-through).
+    reparameterized : bool
+        Whether samples are differentiable functions of the logits.
+
+    Parameters
+    ----------
+    generator : torch.Generator, optional
+        Source of randomness; must live on the logits' device. ``None`` uses torch's
+        default generator for that device.
+    validate_args : bool, optional
+        Check logits and ``f``'s output for NaN/inf (costs a host-device sync). ``None``
+        follows :func:`binopt.set_validate_args` (default on).
+    """
+
+    name: ClassVar[str] = "estimator"
+    unbiased: ClassVar[bool] = False
+    evaluations: ClassVar[int] = 1
+    requires_differentiable_f: ClassVar[bool] = False
+    reparameterized: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        *,
+        generator: torch.Generator | None = None,
+        validate_args: bool | None = None,
+    ) -> None:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator or None; got {type(generator).__name__}"
+            )
+        if validate_args is not None and not isinstance(validate_args, bool):
+            raise TypeError(f"validate_args must be a bool or None; got {validate_args!r}")
+        self.generator = generator
+        self._validate_args = validate_args
+
+    # ------------------------------------------------------------------ declared properties
+    @property
+    def evaluations_per_estimate(self) -> int:
+        """Evaluations of ``f`` that one gradient estimate costs."""
+        return self.evaluations
+
+    @property
+    def validate_args(self) -> bool:
+        return validate_args_enabled() if self._validate_args is None else self._validate_args
+
+    def prob_nonzero(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probability that the gate is non-zero (what the L0 penalty counts), differentiable."""
+        return torch.sigmoid(logits)
+
+    def deterministic_gate(self, logits: torch.Tensor) -> torch.Tensor:
+        """Test-time gate value for each unit.
+
+        Bernoulli gates follow the L0-ARM reference: keep a unit when ``pi >= 1/2`` and
+        let it carry its probability ``pi`` (which an export folds into the weights).
+        """
+        pi = torch.sigmoid(logits)
+        return torch.where(pi >= 0.5, pi, torch.zeros_like(pi))
+
+    def sample(self, logits: torch.Tensor, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
+        """Draw gate samples (no gradient) of shape ``sample_shape + logits.shape``."""
+        u = self._uniform(tuple(sample_shape) + tuple(logits.shape), logits)
+        return (u < torch.sigmoid(logits.detach())).to(logits.dtype)
+
+    # ------------------------------------------------------------------ public interface
+    def surrogate(self, f: ObjectiveFn, logits: Structure, num_samples: int = 1) -> torch.Tensor:
+        """Scalar whose value estimates ``E[f]`` and whose gradient estimates ``grad E[f]``.
+
+        ``loss.backward()`` leaves the estimate (averaged over ``num_samples`` independent
+        estimates) in ``logits.grad`` and Monte Carlo gradients on any parameter inside
+        ``f``.
+        """
+        leaves, _, n = self._prepare(f, logits, num_samples)
+        alphas = [leaf.unsqueeze(0).expand((n,) + tuple(leaf.shape)) for leaf in leaves]
+        return self._run(f, logits, alphas).mean()
+
+    def grad(self, f: ObjectiveFn, logits: Structure, num_samples: int = 1) -> Structure:
+        """Detached gradient estimates: the logits' structure, each with a leading dim ``N``.
+
+        All ``num_samples`` estimates are computed in one vectorized call to ``f``.
+        """
+        leaves, rebuild, n = self._prepare(f, logits, num_samples)
+        with torch.enable_grad():
+            alphas = [
+                leaf.detach().unsqueeze(0).expand((n,) + tuple(leaf.shape)).clone().requires_grad_()
+                for leaf in leaves
+            ]
+            values = self._run(f, logits, alphas)
+            grads = torch.autograd.grad(values.sum(), alphas, allow_unused=True)
+        out = [torch.zeros_like(a) if g is None else g.detach() for a, g in zip(alphas, grads)]
+        return rebuild(out)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self._options().items())
+        return f"{type(self).__name__}({opts})"
+
+    def _options(self) -> dict[str, Any]:
+        return {}
+
+    # ------------------------------------------------------------------ subclass hooks
+    @abc.abstractmethod
+    def _estimate(self, call_f: Callable, alphas: list[torch.Tensor]) -> torch.Tensor:
+        """Return ``N`` surrogate values for logits expanded to ``(N, *shape)``.
+
+        ``call_f(samples_list)`` evaluates ``f`` on a list of sample tensors sharing a
+        leading dimension ``S`` and returns the validated ``(S,)`` values.
+        """
+
+    # ------------------------------------------------------------------ shared machinery
+    def _prepare(self, f: ObjectiveFn, logits: Structure, num_samples: int):
+        if not callable(f):
+            raise TypeError(f"f must be callable; got {type(f).__name__}")
+        leaves, rebuild = flatten(logits)
+        check_logits(leaves, self.validate_args)
+        check_generator(self.generator, leaves[0].device)
+        n = check_num_samples(num_samples)
+        return leaves, rebuild, n
+
+    def _run(self, f: ObjectiveFn, logits: Structure, alphas: list[torch.Tensor]) -> torch.Tensor:
+        _, rebuild = flatten(logits)
+        device = alphas[0].device
+        check = self.validate_args
+
+        def call_f(samples: list[torch.Tensor]) -> torch.Tensor:
+            s = samples[0].shape[0]
+            return check_f_output(f(rebuild(samples)), s, device, check)
+
+        return self._estimate(call_f, alphas)
+
+    def _uniform(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        return torch.rand(shape, generator=self.generator, device=like.device, dtype=like.dtype)
+
+    def _open_uniform(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """Uniform noise bounded away from 0 and 1, for log-odds transforms."""
+        eps = torch.finfo(like.dtype).eps
+        return self._uniform(shape, like).clamp(eps, 1.0 - eps)
+
+
+def attach_gradient(value: torch.Tensor, coef: list[torch.Tensor], alphas: list[torch.Tensor]):
+    """Return ``value`` whose gradient w.r.t. each ``alphas[k]`` is ``coef[k]``.
+
+    ``value`` has shape ``(N,)``; ``coef[k]`` and ``alphas[k]`` have shape ``(N, *shape_k)``.
+    The added term is zero in value, so the surrogate still reads as an estimate of ``E[f]``.
+    """
+    term = value.new_zeros(value.shape)
+    for c, a in zip(coef, alphas):
+        term = term + (c.detach() * a).reshape(a.shape[0], -1).sum(1)
+    return value + term - term.detach()
+
+
+def split_samples(values: torch.Tensor, parts: int) -> torch.Tensor:
+    """Reshape ``(parts * N,)`` values of stacked sample groups to ``(parts, N)``."""
+    return values.reshape(parts, -1)
+
+
+_REGISTRY: dict[str, type[Estimator]] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_estimator(cls: type[Estimator] | None = None, *, aliases: tuple[str, ...] = ()):
+    """Class decorator adding an estimator to the registry under ``cls.name`` (and aliases)."""
+
+    def wrap(c: type[Estimator]) -> type[Estimator]:
+        if not (isinstance(c, type) and issubclass(c, Estimator)):
+            raise TypeError(f"register_estimator expects an Estimator subclass; got {c!r}")
+        _REGISTRY[c.name] = c
+        for alias in aliases:
+            _ALIASES[alias] = c.name
+        return c
+
+    return wrap(cls) if cls is not None else wrap
+
+
+def available_estimators() -> list[str]:
+    """Names accepted by :func:`get_estimator` (aliases not included)."""
+    return sorted(_REGISTRY)
+
+
+def get_estimator(name: str | type[Estimator] | Estimator, **options: Any) -> Estimator:
+    """Build an estimator from a registry name, a class or an instance.
+
+    Examples
+    --------
+    >>> get_estimator("arm")
+    ARM()
+    >>> get_estimator("reinforce_loo", num_samples=4)
+    REINFORCELOO(num_samples=4)
+    """
+    if isinstance(name, Estimator):
+        if options:
+            raise ValueError(f"options {sorted(options)} cannot be applied to an existing {name!r}")
+        return name
+    if isinstance(name, type) and issubclass(name, Estimator):
+        return name(**options)
+    if not isinstance(name, str):
+        raise TypeError(f"estimator must be a name, an Estimator class or instance; got {name!r}")
+    key = name.strip().lower().replace("-", "_")
+    key = _ALIASES.get(key, key)
+    if key not in _REGISTRY:
+        raise ValueError(
+            f"unknown estimator {name!r}; expected one of {', '.join(available_estimators())}"
+        )
+    return _REGISTRY[key](**options)
