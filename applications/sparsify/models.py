@@ -1,0 +1,242 @@
+"""Reference architectures with L0 gates, and a converter for a user's own network.
+
+- :func:`mlp`: 784-300-100-10 with gates on the input neurons of each layer.
+- :func:`lenet5_caffe`: conv 20 and 50 channels (gates on output channels), FC 800-500-10
+  (gates on inputs).
+- :class:`WideResNet`: WRN-depth-width; gates on the output channels of the FIRST
+  convolution of each residual block (as in L0-ARM / Louizos et al.).
+- :func:`to_l0`: replace ``nn.Linear`` / ``nn.Conv2d`` / ``nn.BatchNorm2d`` of any module by
+  their gated counterparts, copying the weights.
+
+MLP and LeNet-5 are plain ``nn.Sequential`` chains, so the same export code serves them and
+users' own Sequential models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .layers import L0Conv2d, L0Linear, SampleBatchNorm2d
+
+
+def mlp(
+    sizes: Sequence[int] = (784, 300, 100, 10),
+    gated: bool = True,
+    init_drop_rate: float | Sequence[float] = (0.2, 0.5, 0.5),
+    **gate_options,
+) -> nn.Sequential:
+    """MLP (default 784-300-100-10) with L0 gates on the input neurons of every layer.
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        Layer widths, input first.
+    gated : bool
+        ``False`` builds the dense baseline with the same layers.
+    init_drop_rate : float or sequence
+        Per layer (the reference uses 0.2 for the first layer, 0.5 elsewhere).
+    """
+    sizes = [int(s) for s in sizes]
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise ValueError(f"sizes must list at least two positive widths; got {sizes}")
+    drops = _per_layer(init_drop_rate, len(sizes) - 1, "init_drop_rate")
+    layers: list[nn.Module] = [nn.Flatten()]
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(
+            L0Linear(n_in, n_out, gated=gated, init_drop_rate=drops[i], **gate_options)
+        )
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def lenet5_caffe(
+    in_channels: int = 1,
+    num_classes: int = 10,
+    input_size: int = 28,
+    gated: bool = True,
+    init_drop_rate: float | Sequence[float] = 0.5,
+    **gate_options,
+) -> nn.Sequential:
+    """LeNet-5-Caffe: conv(20, 5x5)-pool-conv(50, 5x5)-pool-FC 800-500-classes."""
+    drops = _per_layer(init_drop_rate, 4, "init_drop_rate")
+    side = ((input_size - 4) // 2 - 4) // 2
+    flat = 50 * side * side
+    return nn.Sequential(
+        L0Conv2d(in_channels, 20, 5, gated=gated, init_drop_rate=drops[0], **gate_options),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        L0Conv2d(20, 50, 5, gated=gated, init_drop_rate=drops[1], **gate_options),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        L0Linear(flat, 500, gated=gated, init_drop_rate=drops[2], **gate_options),
+        nn.ReLU(),
+        L0Linear(500, num_classes, gated=gated, init_drop_rate=drops[3], **gate_options),
+    )
+
+
+class WideBasicBlock(nn.Module):
+    """Pre-activation wide residual block; the first convolution is gated."""
+
+    def __init__(
+        self, in_planes: int, planes: int, stride: int, dropout: float, gated: bool, **gate_options
+    ) -> None:
+        super().__init__()
+        self.bn1 = SampleBatchNorm2d(in_planes)
+        self.conv1 = L0Conv2d(in_planes, planes, 3, 1, 1, bias=False, gated=gated, **gate_options)
+        self.bn2 = SampleBatchNorm2d(planes)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.shortcut: nn.Module
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if not isinstance(self.shortcut, nn.Identity) else x
+        out = self.conv1(out)
+        out = self.conv2(self.dropout(torch.relu(self.bn2(out))))
+        return out + shortcut
+
+
+class WideResNet(nn.Module):
+    """Wide residual network WRN-``depth``-``width`` (Zagoruyko & Komodakis, 2016).
+
+    Parameters
+    ----------
+    depth : int
+        ``6n + 4`` (28 for the reference WRN-28-10).
+    width : int
+        Widening factor ``k``.
+    num_classes : int
+    dropout : float
+    gated : bool
+        Gates on the first convolution of every block when ``True``.
+    """
+
+    def __init__(
+        self,
+        depth: int = 28,
+        width: int = 10,
+        num_classes: int = 10,
+        dropout: float = 0.0,
+        in_channels: int = 3,
+        gated: bool = True,
+        init_drop_rate: float = 0.3,
+        **gate_options,
+    ) -> None:
+        super().__init__()
+        if (depth - 4) % 6 != 0 or depth < 10:
+            raise ValueError(f"WideResNet depth must be 6n + 4 with n >= 1; got {depth}")
+        if width < 1:
+            raise ValueError(f"WideResNet width must be >= 1; got {width}")
+        n = (depth - 4) // 6
+        widths = [16, 16 * width, 32 * width, 64 * width]
+        self.depth, self.width = depth, width
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        blocks: list[nn.Module] = []
+        in_planes = widths[0]
+        for stage, planes in enumerate(widths[1:]):
+            for i in range(n):
+                stride = 2 if (stage > 0 and i == 0) else 1
+                blocks.append(
+                    WideBasicBlock(
+                        in_planes, planes, stride, dropout, gated,
+                        init_drop_rate=init_drop_rate, **gate_options,
+                    )
+                )
+                in_planes = planes
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = SampleBatchNorm2d(in_planes)
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.blocks(self.conv1(x))
+        out = torch.relu(self.bn(out))
+        out = torch.nn.functional.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.fc(out)
+
+
+def to_l0(module: nn.Module, gate_linear: bool = True, gate_conv: bool = True, **gate_options):
+    """Return a copy of ``module`` whose Linear/Conv2d layers are gated L0 layers.
+
+    ``nn.Linear`` becomes :class:`L0Linear` (gates on inputs), ``nn.Conv2d`` (groups=1,
+    dilation=1) becomes :class:`L0Conv2d` (gates on output channels), ``nn.BatchNorm2d``
+    becomes :class:`SampleBatchNorm2d`; weights and buffers are copied. Anything else is
+    kept as it is.
+    """
+    import copy
+
+    module = copy.deepcopy(module)
+
+    def convert(m: nn.Module) -> nn.Module:
+        if isinstance(m, nn.Linear) and not isinstance(m, L0Linear):
+            new = L0Linear(
+                m.in_features, m.out_features, bias=m.bias is not None, gated=gate_linear,
+                **gate_options,
+            )
+            new.weight.data.copy_(m.weight.data)
+            if m.bias is not None:
+                new.bias.data.copy_(m.bias.data)
+            return new
+        if isinstance(m, nn.Conv2d):
+            if m.groups != 1 or m.dilation != (1, 1) or m.padding_mode != "zeros":
+                raise ValueError(
+                    f"to_l0 supports Conv2d with groups=1, dilation=1 and zero padding; got {m}"
+                )
+            new = L0Conv2d(
+                m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                bias=m.bias is not None, gated=gate_conv, **gate_options,
+            )
+            new.conv.load_state_dict(m.state_dict())
+            return new
+        if type(m) is nn.BatchNorm2d:
+            new = SampleBatchNorm2d(m.num_features, m.eps, m.momentum, m.affine,
+                                    m.track_running_stats)
+            new.load_state_dict(m.state_dict())
+            return new
+        for name, child in m.named_children():
+            setattr(m, name, convert(child))
+        return m
+
+    return convert(module)
+
+
+def build_model(name: str, *, input_shape: Sequence[int], num_classes: int, gated: bool = True,
+                **options) -> nn.Module:
+    """Build a reference model by name (``mlp``, ``lenet5``, ``wrn``) for a data set's shapes."""
+    key = name.strip().lower().replace("-", "_")
+    n_in = 1
+    for d in input_shape:
+        n_in *= int(d)
+    if key == "mlp":
+        hidden = options.pop("hidden", (300, 100))
+        return mlp((n_in, *hidden, num_classes), gated=gated, **options)
+    if key in ("lenet5", "lenet5_caffe", "lenet"):
+        if len(input_shape) != 3 or input_shape[1] != input_shape[2]:
+            raise ValueError(f"lenet5 needs square image inputs (C, H, W); got {tuple(input_shape)}")
+        return lenet5_caffe(input_shape[0], num_classes, input_shape[1], gated=gated, **options)
+    if key in ("wrn", "wide_resnet", "wideresnet"):
+        if len(input_shape) != 3:
+            raise ValueError(f"wrn needs image inputs (C, H, W); got {tuple(input_shape)}")
+        return WideResNet(num_classes=num_classes, in_channels=input_shape[0], gated=gated,
+                          **options)
+    raise ValueError(f"unknown model {name!r}; expected one of mlp, lenet5, wrn")
+
+
+def _per_layer(value, n: int, what: str) -> list[float]:
+    if isinstance(value, (int, float)):
+        return [float(value)] * n
+    values = [float(v) for v in value]
+    if len(values) != n:
+        raise ValueError(f"{what} needs 1 or {n} values; got {len(values)}")
+    return values
+
+
+MODELS = ("mlp", "lenet5", "wrn")
