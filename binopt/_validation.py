@@ -28,8 +28,10 @@ def validate_args_enabled() -> bool:
 
 def check_logits(leaves: list[torch.Tensor], check_values: bool, what: str = "logits") -> None:
     device = leaves[0].device
-    for i, leaf in enumerate(leaves):
-        name = f"{what}" if len(leaves) == 1 else f"{what}[{i}]"
+    names = [what] if len(leaves) == 1 else [f"{what}[{i}]" for i in range(len(leaves))]
+    # dtype and device of every leaf first: a value check on a leaf from another device
+    # (or on a 'meta' tensor, which has no values) would fail with a less helpful error.
+    for name, leaf in zip(names, leaves):
         if not leaf.is_floating_point():
             raise TypeError(f"{name} must have a floating-point dtype; got {leaf.dtype}")
         if leaf.device != device:
@@ -37,7 +39,10 @@ def check_logits(leaves: list[torch.Tensor], check_values: bool, what: str = "lo
                 f"all {what} must be on one device; {what}[0] is on {device} "
                 f"but {name} is on {leaf.device}"
             )
-        if check_values and not bool(torch.isfinite(leaf).all()):
+    if not check_values or device.type == "meta":
+        return
+    for name, leaf in zip(names, leaves):
+        if not bool(torch.isfinite(leaf).all()):
             bad = int((~torch.isfinite(leaf)).sum())
             raise ValueError(
                 f"{name} must be finite; got {bad} NaN/inf value(s) in a tensor of shape "
@@ -64,10 +69,18 @@ def check_f_output(value: object, num_samples: int, device: torch.device, check_
             f"f must return one value per sample: expected shape ({num_samples},) for "
             f"samples with leading dimension {num_samples}; got shape {tuple(value.shape)}"
         )
+    if not value.is_floating_point():
+        raise TypeError(
+            f"f must return a floating-point tensor (one value per sample); got dtype {value.dtype}"
+        )
     if value.device != device:
         raise ValueError(f"f returned a tensor on {value.device}; expected {device}")
-    if check_values and not bool(torch.isfinite(value).all()):
-        raise ValueError("f returned non-finite values (NaN or inf)")
+    if check_values and device.type != "meta" and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise ValueError(
+            f"f must return finite values; got {bad} NaN/inf value(s) among its "
+            f"{num_samples} outputs"
+        )
     return value
 
 
@@ -75,7 +88,9 @@ def check_generator(generator: object, device: torch.device) -> None:
     if generator is None:
         return
     if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+        raise TypeError(
+            f"generator must be a torch.Generator or None; got {type(generator).__name__}"
+        )
     if generator.device.type != device.type:
         raise ValueError(
             f"generator is on {generator.device} but the logits are on {device}; "

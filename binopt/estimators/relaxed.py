@@ -47,7 +47,8 @@ class StraightThrough(_Reparameterized):
     def _relaxed(self, alpha: torch.Tensor) -> torch.Tensor:
         pi = torch.sigmoid(alpha)
         z = (self._uniform(tuple(alpha.shape), alpha) < pi.detach()).to(alpha.dtype)
-        return z + pi - pi.detach()
+        # z + (pi - pi) keeps the forward value exactly 0/1; (z + pi) - pi would round
+        return z + (pi - pi.detach())
 
 
 def _check_positive(name: str, value: float) -> float:
@@ -83,7 +84,7 @@ class GumbelSigmoid(_Reparameterized):
         u = self._open_uniform(tuple(alpha.shape), alpha)
         z = torch.sigmoid((alpha + torch.log(u) - torch.log1p(-u)) / self.temperature)
         if self.hard:
-            z = (z > 0.5).to(z.dtype) + z - z.detach()
+            z = (z > 0.5).to(z.dtype) + (z - z.detach())
         return z
 
 

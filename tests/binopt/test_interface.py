@@ -1,0 +1,403 @@
+"""The estimator interface (binopt/estimators/base.py, DESIGN.md 2): structures, shapes,
+declared properties, devices and dtypes, generators, gates."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import binopt
+from binopt.estimators import base as base_module
+
+ALL = binopt.available_estimators()
+DTYPES = [torch.float32, torch.float64]
+DEVICES = ["cpu", "meta"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# name -> (unbiased, evaluations per estimate, requires differentiable f, reparameterized)
+PROPERTIES = {
+    "arm": (True, 2, False, False),
+    "disarm": (True, 2, False, False),
+    "exact": (True, None, False, False),  # 2^D, known after the first call
+    "gumbel": (False, 1, True, True),
+    "hard_concrete": (False, 1, True, True),
+    "reinforce": (True, 1, False, False),
+    "reinforce_loo": (True, 2, False, False),
+    "straight_through": (False, 1, True, True),
+}
+
+
+def make(name, seed=None, **options):
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    return binopt.get_estimator(name, generator=gen, **options)
+
+
+def quadratic(z):
+    return ((z - 0.45) ** 2).sum(-1)
+
+
+class Recorder:
+    """An objective that records what it receives and returns."""
+
+    def __init__(self, fn=quadratic):
+        self.fn, self.inputs, self.outputs = fn, [], []
+
+    def __call__(self, z):
+        self.inputs.append(z)
+        out = self.fn(z)
+        self.outputs.append(out.detach())
+        return out
+
+
+# ------------------------------------------------------------------ declared properties
+def test_properties_table_is_complete():
+    assert sorted(PROPERTIES) == ALL
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_declared_properties(name):
+    unbiased, evals, diff_f, reparam = PROPERTIES[name]
+    est = make(name)
+    assert est.name == name
+    assert est.unbiased is unbiased
+    assert est.requires_differentiable_f is diff_f
+    assert est.reparameterized is reparam
+    if evals is not None:
+        assert est.evaluations_per_estimate == evals
+    else:
+        assert est.evaluations_per_estimate == -1
+        est.grad(quadratic, torch.zeros(3))
+        assert est.evaluations_per_estimate == 8
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("n", [1, 7])
+def test_one_vectorized_call_with_declared_evaluations(name, n):
+    """f is called once per grad/surrogate, on ``evaluations_per_estimate * N`` samples."""
+    rec = Recorder()
+    est = make(name, 0)
+    est.grad(rec, torch.zeros(3), num_samples=n)
+    assert len(rec.inputs) == 1
+    rows = rec.inputs[0].shape[0]
+    if name == "exact":
+        assert rows == 2**3
+    else:
+        assert rows == est.evaluations_per_estimate * n
+
+
+def test_loo_evaluations_follow_k():
+    est = binopt.REINFORCELOO(num_samples=4)
+    assert est.evaluations_per_estimate == 4
+    rec = Recorder()
+    est.grad(rec, torch.zeros(2), num_samples=5)
+    assert rec.inputs[0].shape == (20, 2)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_bernoulli_samples_are_binary_and_relaxed_ones_in_unit_interval(name):
+    rec = Recorder()
+    make(name, 0).grad(rec, torch.linspace(-3, 3, 12), num_samples=20)
+    z = rec.inputs[0].detach()
+    if PROPERTIES[name][0] or name == "straight_through":
+        assert set(torch.unique(z).tolist()) <= {0.0, 1.0}
+    else:
+        assert ((z >= 0) & (z <= 1)).all()
+
+
+# ------------------------------------------------------------------ grad(): structures
+def _structures(dtype=torch.float32):
+    a = torch.tensor([0.3, -1.0], dtype=dtype)
+    b = torch.tensor([[0.5], [2.0]], dtype=dtype)
+    c = torch.tensor(0.7, dtype=dtype)
+    return {
+        "tensor": a,
+        "list": [a, b],
+        "tuple": (a, b, c),
+        "dict": {"w": b, "v": a, "s": c},
+    }
+
+
+def _leaves(s):
+    if isinstance(s, torch.Tensor):
+        return [s]
+    return list(s.values()) if isinstance(s, dict) else list(s)
+
+
+def _flat_f(z):
+    leaves = _leaves(z)
+    n = leaves[0].shape[0]
+    flat = torch.cat([leaf.reshape(n, -1) for leaf in leaves], dim=1)
+    return ((flat - 0.45) ** 2).sum(-1) + flat[:, 0] * flat[:, -1]
+
+
+@pytest.mark.parametrize("kind", ["tensor", "list", "tuple", "dict"])
+@pytest.mark.parametrize("name", ALL)
+def test_grad_shape_structure_detached(name, kind):
+    logits = _structures()[kind]
+    for leaf in _leaves(logits):
+        leaf.requires_grad_(True)
+    rec = Recorder(_flat_f)
+    g = make(name, 0).grad(rec, logits, num_samples=5)
+    assert type(g) is type(logits)
+    if isinstance(logits, dict):
+        assert list(g) == list(logits)
+    # f received the same structure with a leading sample dimension
+    z = rec.inputs[0]
+    assert type(z) is type(logits)
+    s = _leaves(z)[0].shape[0]
+    for zl, leaf in zip(_leaves(z), _leaves(logits)):
+        assert zl.shape == (s, *leaf.shape)
+    for gl, leaf in zip(_leaves(g), _leaves(logits)):
+        assert gl.shape == (5, *leaf.shape)
+        assert not gl.requires_grad and gl.grad_fn is None
+        assert torch.isfinite(gl).all()
+        assert leaf.grad is None  # grad() never touches .grad
+
+
+def test_exact_grad_structure():
+    logits = _structures(torch.float64)["dict"]
+    g = binopt.exact_grad(_flat_f, logits)
+    assert list(g) == list(logits)
+    for key in logits:
+        assert g[key].shape == logits[key].shape and g[key].dtype == torch.float64
+
+
+def test_zero_dim_logits():
+    g = binopt.ARM().grad(lambda z: z * 2.0, torch.tensor(0.3), num_samples=4)
+    assert g.shape == (4,)
+    assert binopt.exact_grad(lambda z: z * 2.0, torch.tensor(0.0)).item() == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------ surrogate(): value, backward
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("n", [1, 6])
+def test_surrogate_value_is_monte_carlo_mean_of_f(name, n):
+    rec = Recorder()
+    logits = torch.tensor([0.2, -0.8, 1.5], dtype=torch.float64, requires_grad=True)
+    loss = make(name, 0).surrogate(rec, logits, num_samples=n)
+    assert loss.shape == () and loss.requires_grad
+    if name == "exact":
+        pi = torch.sigmoid(logits.detach())
+        expect = 0.0
+        for k, z in enumerate(rec.inputs[0].detach()):
+            q = torch.where(z == 1, pi, 1 - pi).prod()
+            expect = expect + q * rec.outputs[0][k]
+        torch.testing.assert_close(loss.detach(), expect)
+    else:
+        # every evaluation is a draw of z (or of the relaxation): the value is their mean
+        torch.testing.assert_close(loss.detach(), rec.outputs[0].mean())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_surrogate_backward_is_the_mean_of_grad(name):
+    """With the same generator seed, surrogate(N).backward() leaves grad(N).mean(0)."""
+    logits = torch.tensor([0.2, -0.8, 1.5], dtype=torch.float64, requires_grad=True)
+    make(name, 3).surrogate(quadratic, logits, num_samples=9).backward()
+    g = make(name, 3).grad(quadratic, logits, num_samples=9)
+    torch.testing.assert_close(logits.grad, g.mean(0))
+
+
+def test_surrogate_gives_theta_gradients():
+    theta = torch.tensor(0.3, requires_grad=True)
+    logits = torch.zeros(2, requires_grad=True)
+    binopt.ARM().surrogate(lambda z: ((z - theta) ** 2).sum(-1), logits).backward()
+    assert theta.grad is not None and logits.grad is not None
+
+
+def test_moving_average_baseline_updates_after_surrogate_only():
+    est = binopt.REINFORCE(baseline="moving_average", decay=0.75, generator=torch.Generator())
+    assert est.baseline_value is None
+    est.grad(quadratic, torch.zeros(2))
+    assert est.baseline_value is None  # grad() is a pure diagnostic
+    v1 = est.surrogate(quadratic, torch.zeros(2), num_samples=4).detach()
+    assert est.baseline_value == v1
+    v2 = est.surrogate(quadratic, torch.zeros(2), num_samples=4).detach()
+    torch.testing.assert_close(est.baseline_value, 0.75 * v1 + 0.25 * v2)
+    assert repr(est) == "REINFORCE(baseline='moving_average')"
+
+
+# --------------------------------------------------------------- device and dtype follow
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ALL)
+def test_device_and_dtype_follow_logits(name, dtype, device):
+    gen = torch.Generator(device=device) if device == "cuda" else None
+    est = binopt.get_estimator(name, generator=gen, validate_args=device != "meta")
+    logits = torch.zeros(3, dtype=dtype, device=device, requires_grad=True)
+    rec = Recorder()
+    g = est.grad(rec, logits, num_samples=4)
+    assert g.dtype == dtype and g.device.type == device
+    z = rec.inputs[0]
+    assert z.dtype == dtype and z.device.type == device
+    loss = est.surrogate(quadratic, logits, num_samples=4)
+    assert loss.dtype == dtype and loss.device.type == device
+    if device != "meta":
+        loss.backward()
+        assert logits.grad.dtype == dtype and logits.grad.device.type == device
+
+
+# ------------------------------------------------------------------------- generators
+@pytest.mark.parametrize("name", ALL)
+def test_generator_reproducibility(name):
+    logits = torch.tensor([0.3, -0.2, 1.0])
+    g1 = make(name, 11).grad(quadratic, logits, num_samples=50)
+    g2 = make(name, 11).grad(quadratic, logits, num_samples=50)
+    assert torch.equal(g1, g2)
+    est = make(name, 11)
+    s1 = est.surrogate(quadratic, logits, num_samples=50)
+    s2 = est.surrogate(quadratic, logits, num_samples=50)  # the generator moved on
+    if name != "exact":
+        assert not torch.equal(make(name, 12).grad(quadratic, logits, num_samples=50), g1)
+        assert s1 != s2
+    # without a generator, torch's global seed rules
+    torch.manual_seed(5)
+    d1 = make(name).grad(quadratic, logits, num_samples=50)
+    torch.manual_seed(5)
+    d2 = make(name).grad(quadratic, logits, num_samples=50)
+    assert torch.equal(d1, d2)
+
+
+# ------------------------------------------------------------------------------- exact
+def test_exact_max_dim_message():
+    est = binopt.Exact(max_dim=3)
+    with pytest.raises(
+        ValueError,
+        match=r"exact enumeration is limited to 3 binary units \(2\^3 states\); got 4\. "
+        r"Use a Monte Carlo estimator",
+    ):
+        est.grad(quadratic, torch.zeros(4))
+    assert est.grad(quadratic, torch.zeros(3)).shape == (1, 3)
+    assert binopt.MAX_EXACT_DIM == 20
+
+
+def test_exact_expectation_by_hand():
+    logits = torch.tensor([0.0, math.log(3.0)], dtype=torch.float64)  # pi = 1/2, 3/4
+
+    def f(z):
+        return 1.0 + 2.0 * z[:, 0] + 4.0 * z[:, 0] * z[:, 1]
+
+    value = binopt.exact_expectation(f, logits)
+    assert value.item() == pytest.approx(1.0 + 2.0 * 0.5 + 4.0 * 0.5 * 0.75)
+    g = binopt.exact_grad(f, logits)
+    # dE/d alpha_i = pi_i (1 - pi_i) dE/d pi_i
+    torch.testing.assert_close(
+        g, torch.tensor([0.25 * (2.0 + 4.0 * 0.75), 0.1875 * (4.0 * 0.5)], dtype=torch.float64)
+    )
+
+
+# ------------------------------------------------------------------- gates and samples
+def test_hard_concrete_gates_by_hand():
+    est = binopt.HardConcrete()
+    assert (est.beta, est.gamma, est.zeta) == (2.0 / 3.0, -0.1, 1.1)
+    log_a = torch.tensor([-3.0, 0.0, 0.5, 3.0], dtype=torch.float64)
+    # DESIGN.md 2: P(z != 0) = sigma(log a - beta log(-gamma / zeta))
+    shift = (2.0 / 3.0) * math.log(0.1 / 1.1)  # = -1.59859...
+    expect = [1.0 / (1.0 + math.exp(-(x - shift))) for x in log_a.tolist()]
+    torch.testing.assert_close(est.prob_nonzero(log_a), torch.tensor(expect, dtype=torch.float64))
+    assert est.prob_nonzero(torch.tensor(0.5, dtype=torch.float64)).item() == pytest.approx(
+        0.8907667, abs=1e-6
+    )
+    # deterministic gate: min(1, max(0, sigma(log a)(zeta - gamma) + gamma))
+    gate = est.deterministic_gate(log_a)
+    sig = [1.0 / (1.0 + math.exp(-x)) for x in log_a.tolist()]
+    by_hand = [min(1.0, max(0.0, s * 1.2 - 0.1)) for s in sig]
+    torch.testing.assert_close(gate, torch.tensor(by_hand, dtype=torch.float64))
+    assert gate[0] == 0.0 and gate[3] == 1.0  # clipped at both ends
+    assert gate[2].item() == pytest.approx(0.6224593 * 1.2 - 0.1, abs=1e-6)
+
+
+def test_hard_concrete_prob_nonzero_matches_samples():
+    est = binopt.HardConcrete(generator=torch.Generator().manual_seed(0))
+    log_a = torch.tensor([-1.0, 0.0, 1.5], dtype=torch.float64)
+    n = 200_000
+    z = est.sample(log_a, (n,))
+    assert z.shape == (n, 3) and ((z >= 0) & (z <= 1)).all()
+    assert (z == 0).any() and (z == 1).any()  # the stretch-and-clip puts mass on both ends
+    p = est.prob_nonzero(log_a)
+    freq = (z != 0).double().mean(0)
+    se = (p * (1 - p) / n).sqrt()
+    assert ((freq - p).abs() <= 5 * se).all(), (freq, p)
+    # prob_nonzero is differentiable (it is the L0 penalty)
+    x = log_a.clone().requires_grad_()
+    est.prob_nonzero(x).sum().backward()
+    assert (x.grad > 0).all()
+
+
+@pytest.mark.parametrize("name", ["reinforce", "arm", "disarm", "exact", "straight_through"])
+def test_bernoulli_gates(name):
+    est = make(name, 0)
+    logits = torch.tensor([-2.0, 0.0, 0.1, 3.0])
+    pi = torch.sigmoid(logits)
+    torch.testing.assert_close(est.prob_nonzero(logits), pi)
+    # test-time gate (L0-ARM reference): keep where pi >= 1/2, carrying pi
+    torch.testing.assert_close(
+        est.deterministic_gate(logits), torch.tensor([0.0, 0.5, pi[2], pi[3]])
+    )
+    z = est.sample(logits, (20_000,))
+    assert z.shape == (20_000, 4) and set(torch.unique(z).tolist()) <= {0.0, 1.0}
+    assert ((z.mean(0) - pi).abs() <= 5 * (pi * (1 - pi) / 20_000).sqrt()).all()
+
+
+@pytest.mark.parametrize("name", ["gumbel", "hard_concrete", "straight_through"])
+def test_rsample_is_differentiable(name):
+    est = make(name, 0)
+    logits = torch.zeros(3, requires_grad=True)
+    z = est.rsample(logits, (5,))
+    assert z.shape == (5, 3) and z.requires_grad
+    z.sum().backward()
+    assert logits.grad is not None
+    assert not est.sample(logits, (5,)).requires_grad
+
+
+# -------------------------------------------------------------------------- registry
+@pytest.mark.parametrize(
+    "spec,cls",
+    [
+        ("arm", binopt.ARM),
+        ("DisARM", binopt.DisARM),
+        ("score_function", binopt.REINFORCE),
+        ("sf", binopt.REINFORCE),
+        ("loo", binopt.REINFORCELOO),
+        ("rloo", binopt.REINFORCELOO),
+        ("st", binopt.StraightThrough),
+        ("straight-through", binopt.StraightThrough),
+        ("concrete", binopt.GumbelSigmoid),
+        ("gumbel_sigmoid", binopt.GumbelSigmoid),
+        ("hc", binopt.HardConcrete),
+        ("L0-HC", binopt.HardConcrete),
+        ("enumeration", binopt.Exact),
+        (binopt.ARM, binopt.ARM),
+    ],
+)
+def test_get_estimator(spec, cls):
+    est = binopt.get_estimator(spec)
+    assert type(est) is cls
+    inst = cls()
+    assert binopt.get_estimator(inst) is inst
+
+
+def test_options_and_repr():
+    assert repr(binopt.get_estimator("arm")) == "ARM()"
+    assert (
+        repr(binopt.get_estimator("reinforce_loo", num_samples=4)) == "REINFORCELOO(num_samples=4)"
+    )
+    est = binopt.get_estimator("gumbel", temperature=0.5, hard=True)
+    assert est.temperature == 0.5 and est.hard
+    assert "temperature=0.5" in repr(est)
+
+
+def test_register_estimator():
+    @binopt.register_estimator(aliases=("half_arm",))
+    class HalfARM(binopt.ARM):
+        name = "test_half_arm"
+
+    try:
+        assert "test_half_arm" in binopt.available_estimators()
+        assert type(binopt.get_estimator("half_arm")) is HalfARM
+    finally:
+        base_module._REGISTRY.pop("test_half_arm")
+        base_module._ALIASES.pop("half_arm")
+    assert "test_half_arm" not in binopt.available_estimators()
+    with pytest.raises(TypeError, match=r"expects an Estimator subclass; got <class 'int'>"):
+        binopt.register_estimator(int)
