@@ -1,0 +1,93 @@
+"""The search space: command-line syntax, fixed parts, conditional parameters."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from applications.tune.space import FloatRange, SearchSpace, parse_choices, parse_float_spec
+
+
+def test_parse_float_spec_fixed_and_range():
+    assert parse_float_spec("0.1", log=True, name="lam") == FloatRange(0.1, 0.1)
+    assert parse_float_spec("0.1", log=True, name="lam").fixed
+    r = parse_float_spec("1e-3:1", log=True, name="lam")
+    assert (r.low, r.high, r.log, r.fixed) == (1e-3, 1.0, True, False)
+    assert parse_float_spec("2:10", log=False, name="k").describe() == "2:10"
+
+
+@pytest.mark.parametrize(
+    "text", ["", "a", "1:2:3", "2:1", "0:1", ":1", "nan:1"],
+)
+def test_parse_float_spec_rejects(text):
+    with pytest.raises(ValueError):
+        parse_float_spec(text, log=True, name="lam", low=0.0)
+
+
+def test_parse_float_spec_bounds():
+    with pytest.raises(ValueError, match="must lie in"):
+        parse_float_spec("0.5:1.5", log=False, name="init-drop-rate", low=0.0, high=1.0)
+
+
+def test_parse_choices():
+    assert parse_choices("arm, DisARM", name="estimator", allowed=["arm", "disarm"]) == (
+        "arm", "disarm")
+    with pytest.raises(ValueError, match="unknown value"):
+        parse_choices("arm,nope", name="estimator", allowed=["arm"])
+    with pytest.raises(ValueError):
+        parse_choices(" , ", name="estimator", allowed=["arm"])
+
+
+def test_space_rejects_exact_estimator():
+    with pytest.raises(ValueError, match="exact"):
+        SearchSpace(estimator=("exact",))
+
+
+def _sample(space: SearchSpace, n: int, layer_names=None) -> list[tuple[dict, dict]]:
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        cfg = space.suggest(trial, layer_names)
+        study.tell(trial, 0.0)
+        out.append((cfg, dict(trial.params)))
+    return out
+
+
+def test_fixed_parts_are_not_optuna_parameters():
+    space = SearchSpace(
+        lam=FloatRange(0.1, 0.1), parameterization=("scaled_sigmoid",), k=FloatRange(7, 7),
+        estimator=("arm",), init_drop_rate=FloatRange(0.3, 0.3), lr=FloatRange(1e-3, 1e-3),
+    )
+    (cfg, params), = _sample(space, 1)
+    assert params == {}
+    assert cfg == {"lam": 0.1, "estimator": "arm", "parameterization": "scaled_sigmoid",
+                   "k": 7.0, "init_drop_rate": 0.3, "lr": 1e-3}
+
+
+def test_searched_parts_stay_in_range_and_hard_concrete_has_no_k():
+    space = SearchSpace()
+    for cfg, params in _sample(space, 30):
+        assert 1e-3 <= cfg["lam"] <= 1.0
+        assert 3e-4 <= cfg["lr"] <= 3e-3
+        assert 0.05 <= cfg["init_drop_rate"] <= 0.6
+        assert cfg["estimator"] in ("arm", "disarm", "hard_concrete")
+        if cfg["estimator"] == "hard_concrete":
+            assert "k" not in cfg and "k" not in params and "parameterization" not in params
+        else:
+            assert 2 <= cfg["k"] <= 10
+            assert cfg["parameterization"] in ("scaled_sigmoid", "hard_sigmoid")
+
+
+def test_per_layer_lambda():
+    space = SearchSpace(lam_per_layer=True)
+    (cfg, params), = _sample(space, 1, ["1", "3"])
+    assert set(cfg["lam"]) == {"1", "3"}
+    assert {"lam[1]", "lam[3]"} <= set(params)
+    with pytest.raises(ValueError, match="layer names"):
+        _sample(space, 1)
+
+
+def test_round_trip_dict():
+    space = SearchSpace(lam_per_layer=True, estimator=("arm",))
+    assert SearchSpace.from_dict(space.to_dict()) == space

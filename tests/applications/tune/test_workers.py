@@ -1,0 +1,84 @@
+"""Several workers on one journal file, and resuming after a killed worker."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from optuna.trial import TrialState
+
+from applications.cli import main
+
+from .conftest import TINY, load, start_worker, wait_until
+
+
+def _check_exact(study, n: int) -> None:
+    trials = study.get_trials()
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers)), "duplicated trial numbers"
+    counted = [t for t in trials if not t.user_attrs.get("binopt_interrupted")]
+    assert [t.state for t in counted] == [TrialState.COMPLETE] * n
+    assert not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
+    run_dirs = [t.user_attrs["run_dir"] for t in counted]
+    assert len(set(run_dirs)) == n, "two trials trained into one folder"
+
+
+def test_two_worker_processes_share_a_journal_file(tmp_path):
+    """``--jobs 2``: two spawned processes, one journal file, exactly N trials."""
+    storage = f"journal:{tmp_path / 'study.log'}"
+    rc = main(["tune", *TINY, "--trials", "4", "--jobs", "2", "--storage", storage,
+               "--study-name", "j", "--out", str(tmp_path), "--quiet"])
+    assert rc == 0
+    study = load(storage, "j")
+    _check_exact(study, 4)
+    assert len(study.trials) == 4
+    workers = {t.user_attrs["binopt_worker"]["worker"] for t in study.trials}
+    pids = {t.user_attrs["binopt_worker"]["pid"] for t in study.trials}
+    assert workers == {0, 1} and len(pids) == 2
+    assert (tmp_path / "pareto.png").exists()
+
+
+def test_killed_worker_resumes(tmp_path, driver):
+    """Kill a worker in the middle of its second trial; a restart finishes exactly N."""
+    storage = f"journal:{tmp_path / 'study.log'}"
+    args = [*TINY, "--epochs", "2", "--trials", "3", "--storage", storage,
+            "--study-name", "k", "--out", str(tmp_path)]
+    proc = start_worker(driver, args, tmp_path / "w1.log", TUNE_TEST_EPOCH_SLEEP="1.0")
+    try:
+        def second_trial_after_one_epoch() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError("worker exited early: " + (tmp_path / "w1.log").read_text())
+            if not Path(storage[len("journal:"):]).exists():
+                return False
+            trials = load(storage, "k").trials
+            done = [t for t in trials if t.state == TrialState.COMPLETE]
+            running = [t for t in trials if t.state == TrialState.RUNNING]
+            return bool(done and running
+                        and (Path(running[0].user_attrs.get("run_dir", "/nonexistent"))
+                             / "checkpoint.pt").exists())
+
+        wait_until(second_trial_after_one_epoch, 60, "a completed trial and a running one")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    before = load(storage, "k").trials
+    killed = [t for t in before if t.state == TrialState.RUNNING]
+    assert len(killed) == 1 and len(before) == 2
+
+    # restart the same command: the dead worker's trial is retried, the study completes
+    rc = main(["tune", *args, "--quiet"])
+    assert rc == 0
+    study = load(storage, "k")
+    _check_exact(study, 3)
+    trials = {t.number: t for t in study.trials}
+    dead = trials[killed[0].number]
+    assert dead.state == TrialState.FAIL and dead.user_attrs["binopt_interrupted"]
+    retry = [t for t in study.trials if t.user_attrs.get("binopt_retry_of") == dead.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert retry[0].params == dead.params
+    # same folder; training resumes from the checkpoint of the finished epoch (or, when the
+    # checkpoint cannot be read, starts that folder afresh and says why)
+    assert retry[0].user_attrs["run_dir"] == dead.user_attrs["run_dir"]
+    a = retry[0].user_attrs
+    assert a.get("resumed_after_epoch") == 1 or "resume_error" in a
+    assert len(study.trials) == 4
