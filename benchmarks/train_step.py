@@ -1,0 +1,334 @@
+"""Training-step time of L0-gated networks vs their dense twins (CPU).
+
+A *step* is forward + backward + optimizer step of one minibatch (batch 128, random
+MNIST-shaped data): ``opt.zero_grad(); net.objective(x, y).loss.backward(); opt.step()``
+through :class:`~applications.sparsify.network.GatedNetwork` for every variant, the dense
+one being the same architecture built with ``gated=False`` and the same optimizer.
+
+Gate states
+-----------
+``open``
+    "At initialisation, all gates open": every gate has ``pi = 0.999``.
+``sparse``
+    80% of the units of every gated layer gated off (``pi = 0.001``, a random fixed
+    subset), the others ``pi = 0.999``: the network after it has thinned.
+``init``
+    The models' own initial drop rates (MLP 0.2/0.5/0.5, LeNet-5 0.5), for information:
+    here ARM's two samples disagree on 20-50% of the units.
+
+Variants: dense; L0-ARM (the defaults: one-pass ARM with the weight gradient from the
+``z = 1[u < pi]`` sample, conditional computation on); ablations of L0-ARM without
+conditional computation, with the weight gradient averaged over both samples, and with
+both (the stacked, masked pass from before issue #5); L0-HC (hard concrete, one sample)
+for reference; for the MLP, :class:`MinimalMLPARM`, a hand-written ARM step without the
+library's generality, as a floor for what an L0-ARM step can cost here; and the dense
+network stepped without :class:`GatedNetwork` (plain module and loss) for information.
+
+Timing: every round runs one step of every variant (interleaved, in a rotating order) so
+that all of them see the same machine load; the table reports medians over the rounds of
+wall-clock time and of the CPU time of the stepping thread, and ratios to dense within the
+same run. With one intra-op thread (the default, ``--threads``) and an idle machine the
+two agree; on a machine shared with other jobs the thread CPU time is the steadier one.
+
+Usage::
+
+    python benchmarks/train_step.py                      # both models
+    python benchmarks/train_step.py --models mlp --rounds 50 --threads 2
+
+Prints a table and writes ``benchmarks/results/train_step_cpu.json`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from applications.sparsify.models import lenet5_caffe, mlp  # noqa: E402
+from applications.sparsify.network import GatedNetwork  # noqa: E402
+
+#: Bars of issue #5: L0-ARM step / dense step, per model and gate state.
+BARS = {("mlp", "open"): 1.5, ("mlp", "sparse"): 0.8, ("lenet5", "open"): 1.6,
+        ("lenet5", "sparse"): 0.9}
+
+BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {"mlp": mlp, "lenet5": lenet5_caffe}
+DEFAULT_ROUNDS = {"mlp": 200, "lenet5": 40}
+
+
+def set_gate_state(net: GatedNetwork, state: str, off_fraction: float = 0.8,
+                   seed: int = 0) -> None:
+    """Set every gate's ``phi`` for the gate state ``open``, ``sparse`` or ``init``."""
+    if state == "init":
+        return
+    gen = torch.Generator().manual_seed(seed)
+    for layer in net.gated_layers().values():
+        gate = layer.gate
+        probs = torch.full((gate.num_units,), 0.999)
+        if state == "sparse":
+            off = torch.randperm(gate.num_units, generator=gen)[
+                : int(round(off_fraction * gate.num_units))
+            ]
+            probs[off] = 0.001
+        elif state != "open":
+            raise ValueError(f"unknown gate state {state!r}")
+        with torch.no_grad():
+            gate.phi.copy_(gate.parameterization.inverse(probs).to(gate.phi))
+
+
+def make_optimizer(params, fused: bool) -> torch.optim.Optimizer:
+    """Adam, lr 1e-3 (the MNIST setting); ``fused`` uses the single-kernel implementation."""
+    if fused:
+        try:
+            return torch.optim.Adam(params, lr=1e-3, fused=True)
+        except (RuntimeError, TypeError):  # torch without a fused CPU Adam
+            pass
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+def variants(model: str) -> list[dict[str, Any]]:
+    """The configurations timed for one model."""
+    out: list[dict[str, Any]] = [{"name": "dense", "gated": False, "state": None}]
+    for state in ("open", "sparse", "init"):
+        out.append({"name": f"L0-ARM {state}", "gated": True, "state": state,
+                    "estimator": "arm", "options": {}})
+    for state in ("open", "sparse"):
+        out.append({"name": f"L0-ARM {state}, not conditional", "gated": True, "state": state,
+                    "estimator": "arm", "options": {"conditional": False}})
+        out.append({"name": f"L0-ARM {state}, weight grad mean", "gated": True,
+                    "state": state, "estimator": "arm", "options": {"weight_grad": "mean"}})
+        out.append({"name": f"L0-ARM {state}, stacked+masked (old)", "gated": True,
+                    "state": state, "estimator": "arm",
+                    "options": {"conditional": False, "weight_grad": "mean"}})
+        out.append({"name": f"L0-HC {state}", "gated": True, "state": state,
+                    "estimator": "hard_concrete", "options": {}})
+        if model == "mlp" and state == "sparse":
+            out.append({"name": f"L0-ARM {state}, hand-written floor", "gated": True,
+                        "state": state, "estimator": "arm", "options": {}, "minimal": True})
+    out.append({"name": "dense, plain module", "gated": False, "state": None, "plain": True})
+    return out
+
+
+class MinimalMLPARM:
+    """A hand-written L0-ARM step for the MLP, as a floor for what the step can cost.
+
+    The same computation as :meth:`GatedNetwork.objective` with ARM (weight gradient from
+    the ``z = 1[u < pi]`` sample, the other sample without autograd, the L0 penalty),
+    specialised to a chain of input-gated linear layers: each layer multiplies only the
+    input columns its gates keep and only the output rows the next layer's gates keep.
+    None of the generality (estimator interface, any architecture, shared computation
+    between the samples) and its bookkeeping.
+    """
+
+    def __init__(self, net: GatedNetwork) -> None:
+        self.net = net
+        self.layers = list(net.gated_layers().values())
+        self.ends = np.cumsum([layer.gate.num_units for layer in self.layers])[:-1]
+
+    def objective(self, x: torch.Tensor, y: torch.Tensor):
+        flat = torch.cat([layer.gate.logits() for layer in self.layers])
+        with torch.no_grad():
+            u = torch.rand_like(flat)
+            p = torch.sigmoid(flat)
+            z = np.split(np.stack([(u > 1 - p).numpy(), (u < p).numpy()]), self.ends, axis=1)
+        losses = []
+        for s in (1, 0):  # z2 = 1[u < pi] with autograd, z1 = 1[u > 1 - pi] without
+            with torch.enable_grad() if s == 1 else torch.no_grad():
+                cols = np.flatnonzero(z[0][s])
+                h = x.flatten(1).index_select(1, torch.from_numpy(cols))
+                for i, layer in enumerate(self.layers):
+                    w, b = layer.weight, layer.bias
+                    if i + 1 < len(self.layers):
+                        rows = np.flatnonzero(z[i + 1][s])
+                        idx = (rows[:, None] * w.shape[1] + cols[None, :]).reshape(-1)
+                        w = w.reshape(-1).index_select(0, torch.from_numpy(idx))
+                        w = w.view(len(rows), len(cols))
+                        b = b.index_select(0, torch.from_numpy(rows))
+                        h = torch.relu(F.linear(h, w, b))
+                        cols = rows
+                    else:
+                        h = F.linear(h, w.index_select(1, torch.from_numpy(cols)), b)
+                losses.append(F.cross_entropy(h, y))
+        f2, f1 = losses
+        surrogate = f2 + ((f1 - f2).detach() * (u - 0.5) * flat).sum()
+        return surrogate + self.net._flat_penalty(flat, self.net._gated)
+
+
+def build(model: str, spec: dict[str, Any], fused: bool, seed: int):
+    """``(objective, optimizer)``: ``objective(x, y)`` returns the loss to differentiate."""
+    torch.manual_seed(seed)
+    module = BUILDERS[model](gated=spec["gated"])
+    if spec["gated"]:
+        net = GatedNetwork(module, spec["estimator"], lam=0.1, num_train=60000,
+                           **spec["options"])
+        set_gate_state(net, spec["state"], seed=seed)
+    else:
+        net = GatedNetwork(module, "arm", lam=0.1, num_train=60000)
+    opt = make_optimizer(net.parameters(), fused)
+    if spec.get("plain"):  # no GatedNetwork: the module and the loss alone
+        return (lambda x, y: F.cross_entropy(module(x), y)), opt
+    if spec.get("minimal"):
+        return MinimalMLPARM(net).objective, opt
+    return (lambda x, y: net.objective(x, y).loss), opt
+
+
+def step(objective, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    objective(x, y).backward()
+    opt.step()
+
+
+def timed_step(objective, opt: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor) -> tuple[float, list[float]]:
+    """One step; its wall time and the thread CPU time of (zero_grad + forward, backward,
+    optimizer step)."""
+    t0, c0 = time.perf_counter(), time.thread_time()
+    opt.zero_grad(set_to_none=True)
+    loss = objective(x, y)
+    c1 = time.thread_time()
+    loss.backward()
+    c2 = time.thread_time()
+    opt.step()
+    c3, t1 = time.thread_time(), time.perf_counter()
+    return t1 - t0, [c1 - c0, c2 - c1, c3 - c2]
+
+
+def run_model(model: str, rounds: int, warmup: int, batch: int, fused: bool, seed: int,
+              log: bool = True) -> list[dict[str, Any]]:
+    """Interleaved timing of every variant of ``model``; rows with medians and ratios."""
+    specs = variants(model)
+    built = [build(model, spec, fused, seed) for spec in specs]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 1, 28, 28, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    wall: list[list[float]] = [[] for _ in specs]
+    cpu: list[list[float]] = [[] for _ in specs]
+    phases: list[list[list[float]]] = [[] for _ in specs]
+    n = len(specs)
+    for r in range(warmup + rounds):
+        for j in range(n):
+            i = (j + r) % n  # rotate the order between rounds
+            objective, opt = built[i]
+            seconds, parts = timed_step(objective, opt, x, y)
+            if r >= warmup:
+                wall[i].append(seconds)
+                cpu[i].append(sum(parts))
+                phases[i].append(parts)
+        if log and (r + 1) % 50 == 0:
+            print(f"  {model}: round {r + 1}/{warmup + rounds}", file=sys.stderr)
+    dense_wall, dense_cpu = statistics.median(wall[0]), statistics.median(cpu[0])
+    rows = []
+    for spec, w, c, ph in zip(specs, wall, cpu, phases):
+        mw, mc = statistics.median(w), statistics.median(c)
+        fwd, bwd, upd = (1e3 * statistics.median(p) for p in zip(*ph))
+        headline = spec["name"] == f"L0-ARM {spec['state']}"
+        bar = BARS.get((model, spec["state"])) if headline else None
+        row = {
+            "model": model,
+            "variant": spec["name"],
+            "state": spec["state"],
+            "wall_ms": 1e3 * mw,
+            "cpu_ms": 1e3 * mc,
+            "ratio_wall": mw / dense_wall,
+            "ratio_cpu": mc / dense_cpu,
+            "wall_ms_iqr": _iqr_ms(w),
+            "cpu_ms_forward": fwd,
+            "cpu_ms_backward": bwd,
+            "cpu_ms_optimizer": upd,
+            "bar": bar,
+        }
+        if bar is not None:
+            row["meets_bar_wall"] = row["ratio_wall"] <= bar
+            row["meets_bar_cpu"] = row["ratio_cpu"] <= bar
+        rows.append(row)
+    return rows
+
+
+def _iqr_ms(values: list[float]) -> float:
+    q = statistics.quantiles(values, n=4)
+    return 1e3 * (q[2] - q[0])
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    head = (f"{'model':7s} {'variant':38s} {'wall ms':>8s} {'cpu ms':>8s} {'fwd':>7s} "
+            f"{'bwd':>7s} {'opt':>6s} {'x dense':>8s} {'(cpu)':>7s} {'bar':>5s}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        bar = ""
+        if r["bar"] is not None:
+            ok = "ok" if r["meets_bar_wall"] and r["meets_bar_cpu"] else "MISS"
+            bar = f"{r['bar']:.1f} {ok}"
+        print(f"{r['model']:7s} {r['variant']:38s} {r['wall_ms']:8.3f} {r['cpu_ms']:8.3f} "
+              f"{r['cpu_ms_forward']:7.3f} {r['cpu_ms_backward']:7.3f} "
+              f"{r['cpu_ms_optimizer']:6.3f} {r['ratio_wall']:8.3f} {r['ratio_cpu']:7.3f} {bar}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["mlp", "lenet5"], choices=list(BUILDERS))
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed rounds per model (default: mlp 200, lenet5 40)")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (recorded in the JSON)")
+    parser.add_argument("--no-fused", action="store_true",
+                        help="use the default (per-tensor) Adam instead of fused=True")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/train_step_cpu.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    started = time.time()
+    rows: list[dict[str, Any]] = []
+    for model in args.models:
+        rounds = args.rounds or DEFAULT_ROUNDS[model]
+        rows += run_model(model, rounds, args.warmup, args.batch, not args.no_fused, args.seed)
+    print_table(rows)
+    result = {
+        "benchmark": "train_step_cpu",
+        "rows": rows,
+        "bars": {f"{m}/{s}": b for (m, s), b in BARS.items()},
+        "settings": {
+            "batch": args.batch,
+            "rounds": {m: args.rounds or DEFAULT_ROUNDS[m] for m in args.models},
+            "warmup": args.warmup,
+            "torch_threads": torch.get_num_threads(),
+            "optimizer": "Adam(lr=1e-3" + (")" if args.no_fused else ", fused=True)"),
+            "seed": args.seed,
+        },
+        "machine": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        },
+        "seconds": time.time() - started,
+    }
+    if args.out:
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Gated layers: conditional forward passes against the masked computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from applications.sparsify.layers import (
+    Branch,
+    L0Conv2d,
+    L0Linear,
+    PassInfo,
+    SampleBatchNorm2d,
+    apply_module,
+    flatten_branch,
+)
+
+
+@pytest.fixture(autouse=True)
+def _float64_one_thread():
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    yield
+    torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
+
+
+def _gates(s: int, units: int, seed: int, binary: bool = True) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    z = (torch.rand(s, units, generator=gen) < 0.5).double()
+    if not binary:
+        z = z * torch.rand(s, units, generator=gen)
+    z[:, 0] = 0.0  # a unit off in every sample
+    return z
+
+
+def _active(z: torch.Tensor) -> torch.Tensor:
+    return (z != 0).any(0).nonzero().squeeze(1)
+
+
+def _grads(layer: nn.Module, x: torch.Tensor, z: torch.Tensor, active):
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    z = z.clone().requires_grad_()
+    layer.set_gate_values(z, active)
+    out = layer(x)
+    layer.set_gate_values(None)
+    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    # the gradient for a zero gate is what conditional computation drops: estimators that
+    # may skip units never use it (their gates carry no gradient or are clamped at 0)
+    grads = [x.grad, z.grad * (z != 0)] + [
+        torch.zeros_like(p) if p.grad is None else p.grad for p in layer.parameters()
+    ]
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("binary", [True, False])
+@pytest.mark.parametrize("s", [1, 2])
+def test_linear_active_index_equals_masked(binary, s):
+    torch.manual_seed(0)
+    layer = L0Linear(7, 4)
+    x, z = torch.randn(s * 3, 7), _gates(s, 7, 1, binary)
+    out_m, g_m = _grads(layer, x, z, None)
+    out_c, g_c = _grads(layer, x, z, _active(z))
+    assert torch.allclose(out_c, out_m, rtol=1e-12)
+    for a, b in zip(g_c, g_m):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("s", [1, 2])
+def test_conv_active_index_equals_masked(channels_last, bias, s):
+    torch.manual_seed(0)
+    layer = L0Conv2d(3, 5, 3, padding=1, bias=bias)
+    x, z = torch.randn(s * 2, 3, 6, 6), _gates(s, 5, 2, binary=False)
+    if channels_last:
+        layer = layer.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    out_m, g_m = _grads(layer, x, z, None)
+    out_c, g_c = _grads(layer, x, z, _active(z))
+    assert torch.allclose(out_c, out_m, rtol=1e-12)
+    if channels_last:
+        assert out_c.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(g_c, g_m):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_conv_with_every_gate_off_gives_zeros():
+    layer = L0Conv2d(3, 4, 3, stride=2, padding=1)
+    z = torch.zeros(2, 4)
+    layer.set_gate_values(z, _active(z))
+    out = layer(torch.randn(4, 3, 7, 7))
+    assert out.shape == (4, 4, 4, 4) and not out.any()
+
+
+@pytest.mark.parametrize("padding", [0, 2, "same", "valid"])
+def test_conv_empty_channel_sets(padding):
+    """Sliced convolutions with no input or no output channel: shapes and bias as torch."""
+    conv = L0Conv2d(3, 4, 3, padding=padding, bias=True)
+    x = torch.randn(2, 3, 6, 6)
+    ref = conv.conv(x)
+    no_in = conv._conv(x[:, :0], conv.weight[:, :0], conv.bias)
+    assert no_in.shape == ref.shape
+    assert torch.allclose(no_in, conv.bias.reshape(1, -1, 1, 1).expand_as(ref))
+    no_out = conv._conv(x, conv.weight[:0], conv.bias[:0])
+    assert no_out.shape == (2, 0) + tuple(ref.shape[2:])
+
+
+def test_sample_batchnorm_without_running_stats_update():
+    bn = SampleBatchNorm2d(3).train()
+    x = torch.randn(8, 3, 4, 4)
+    before = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+    for groups in (1, 2):
+        bn.num_sample_groups, bn.update_running_stats = groups, False
+        out = bn(x)
+        ref = torch.cat(
+            [F.batch_norm(c, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+             for c in x.chunk(groups)]
+        )
+        assert torch.allclose(out, ref, rtol=1e-10, atol=1e-12)
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert int(bn.num_batches_tracked) == before[2]
+
+
+def test_branch_dense_flatten_and_modules():
+    t = torch.randn(2, 2, 3, 3)
+    br = Branch(t, np.array([1, 3]), 4)
+    dense = br.dense()
+    assert dense.shape == (2, 4, 3, 3)
+    assert torch.equal(dense[:, [1, 3]], t) and not dense[:, [0, 2]].any()
+    flat = flatten_branch(br)
+    assert torch.equal(flat.dense(), dense.flatten(1))
+    pooled = apply_module(nn.MaxPool2d(2), br)
+    assert torch.equal(pooled.dense(), F.max_pool2d(dense, 2))
+    empty = apply_module(nn.MaxPool2d(2), Branch(t[:, :0], np.array([], dtype=np.int64), 4))
+    assert empty.t.shape == (2, 0, 1, 1) and not empty.dense().any()
+    # pooling a (B, features) tensor pools across features: the branch is densified first
+    feats = Branch(torch.randn(3, 2), np.array([0, 2]), 4)
+    pooled = apply_module(nn.MaxPool1d(2), feats)
+    assert pooled.idx is None and torch.equal(pooled.t, F.max_pool1d(feats.dense(), 2))
+
+
+def test_linear_sliced_pass_look_ahead_and_shared_input():
+    """One shared input, two samples, look-ahead rows: the sliced pass equals the masked
+    product for every sample on the outputs the next layer reads."""
+    torch.manual_seed(0)
+    layer = L0Linear(9, 6)
+    x = torch.randn(5, 9)
+    zn = np.array([[1, 1, 0, 1, 0, 1, 1, 1, 1], [1, 0, 0, 1, 1, 1, 1, 1, 1]], dtype=float)
+    z = torch.from_numpy(zn)
+    needed = np.array([[1, 0, 1, 1, 0, 0], [1, 0, 1, 0, 0, 1]], dtype=bool)
+    for last_only in (False, True):
+        info = PassInfo(2, last_only, binary=True)
+        out = layer._forward_branches([Branch(x, None, 9)], z, zn, info, needed)
+        assert len(out) == 2
+        for s, br in enumerate(out):
+            ref = F.linear(x * z[s], layer.weight, layer.bias)
+            rows = br.idx if br.idx is not None else np.arange(6)
+            assert needed.any(0)[rows].all() or br.idx is None
+            assert torch.allclose(br.t, ref[:, rows], rtol=1e-12)
+        assert out[0].t.requires_grad is (not last_only)
+        assert out[1].t.requires_grad
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sample_batchnorm_groups_match_separate_batchnorms(channels_last):
+    torch.manual_seed(0)
+    bn = SampleBatchNorm2d(3, momentum=0.2).train()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    ref = [nn.BatchNorm2d(3, momentum=0.2).train() for _ in range(2)]
+    for r in ref:
+        r.load_state_dict({k: v for k, v in bn.state_dict().items()})
+    x = torch.randn(8, 3, 4, 4) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    bn.num_sample_groups = 2
+    out = bn(x)
+    expected = torch.cat([r(c) for r, c in zip(ref, x.chunk(2))])
+    assert torch.allclose(out, expected, rtol=1e-10, atol=1e-12)
+    mean = (ref[0].running_mean + ref[1].running_mean) / 2
+    var = (ref[0].running_var + ref[1].running_var) / 2
+    assert torch.allclose(bn.running_mean, mean) and torch.allclose(bn.running_var, var)
+    assert int(bn.num_batches_tracked) == 1
