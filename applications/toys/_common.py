@@ -1,0 +1,308 @@
+"""Helpers shared by the toy problems: estimator specs, moments, progress bars, JSON output."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import shlex
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import binopt
+
+from ..errors import UserError
+
+
+# ----------------------------------------------------------------------------- estimators
+@dataclass(frozen=True)
+class EstimatorSpec:
+    """An estimator named on the command line: ``name`` or ``name:key=value:key=value``.
+
+    Attributes
+    ----------
+    label : str
+        The text the user wrote (used as the row label in tables and plots).
+    name : str
+        Registry name passed to :func:`binopt.get_estimator`.
+    options : dict
+        Keyword options for the estimator's constructor.
+    """
+
+    label: str
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def build(self, generator: torch.Generator | None = None) -> binopt.Estimator:
+        """Instantiate the estimator (with its own random generator)."""
+        try:
+            return binopt.get_estimator(self.name, generator=generator, **dict(self.options))
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"cannot build estimator {self.label!r}: {exc}") from exc
+
+
+def parse_estimator_spec(text: str) -> EstimatorSpec:
+    """Parse ``name[:key=value...]``, e.g. ``reinforce_loo:num_samples=4``.
+
+    Raises
+    ------
+    UserError
+        Unknown estimator names or malformed options.
+    """
+    text = text.strip()
+    if not text:
+        raise UserError("empty estimator name")
+    name, *opts = text.split(":")
+    options: dict[str, Any] = {}
+    for opt in opts:
+        if "=" not in opt:
+            raise UserError(f"estimator option {opt!r} in {text!r} must look like key=value")
+        key, value = opt.split("=", 1)
+        try:
+            options[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            options[key.strip()] = value.strip()
+    spec = EstimatorSpec(label=text, name=name.strip(), options=tuple(sorted(options.items())))
+    spec.build()  # validate now: unknown names and bad options are user errors
+    return spec
+
+
+def parse_estimator_list(text: str | Sequence[str]) -> list[EstimatorSpec]:
+    """Comma-separated (or already split) estimator specs, duplicates rejected."""
+    items = text.split(",") if isinstance(text, str) else [t for s in text for t in s.split(",")]
+    specs = [parse_estimator_spec(t) for t in items if t.strip()]
+    if not specs:
+        raise UserError("no estimator given")
+    labels = [s.label for s in specs]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise UserError(f"estimator listed twice: {', '.join(dup)}")
+    return specs
+
+
+# ----------------------------------------------------------------------------- moments
+class MomentAccumulator:
+    """Per-coordinate mean, variance and the standard errors of both, from chunks of estimates.
+
+    Power sums up to the fourth are accumulated in float64 around a shift (the first
+    chunk's mean) to limit cancellation. The standard error of the sample variance uses the
+    fourth central moment, ``Var(s^2) = (m4 - s^4 (n - 3) / (n - 1)) / n``, floored at its
+    smallest possible value ``2 s^4 / (n (n - 1))`` (reached when ``m4 = s^4``).
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.shift: torch.Tensor | None = None
+        self.sums: list[torch.Tensor] = []
+
+    def update(self, chunk: torch.Tensor) -> None:
+        """Add estimates of shape ``(n, D)``."""
+        x = chunk.detach().to(torch.float64).reshape(chunk.shape[0], -1)
+        if self.shift is None:
+            self.shift = x.mean(0)
+            self.sums = [torch.zeros_like(self.shift) for _ in range(4)]
+        y = x - self.shift
+        p = torch.ones_like(y)
+        for k in range(4):
+            p = p * y
+            self.sums[k] += p.sum(0)
+        self.n += x.shape[0]
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """``mean``, ``variance`` (unbiased), ``mean_se`` and ``variance_se``, each ``(D,)``."""
+        if self.n < 2 or self.shift is None:
+            raise ValueError("need at least 2 estimates for a variance")
+        n = self.n
+        r1, r2, r3, r4 = (s / n for s in self.sums)
+        mu = r1
+        m2 = (r2 - mu**2).clamp_min(0)
+        m4 = (r4 - 4 * mu * r3 + 6 * mu**2 * r2 - 3 * mu**4).clamp_min(0)
+        var = m2 * n / (n - 1)
+        var_of_var = (m4 - var**2 * (n - 3) / (n - 1)) / n
+        # Since mu4 >= sigma^4, Var(s^2) >= 2 sigma^4 / (n (n - 1)); the plug-in above can
+        # fall far below that (two-point distributions, where mu4 = sigma^4).
+        var_of_var = torch.maximum(var_of_var, 2 * var**2 / (n * (n - 1)))
+        return {
+            "mean": mu + self.shift,
+            "variance": var,
+            "mean_se": (var / n).sqrt(),
+            "variance_se": var_of_var.sqrt(),
+        }
+
+
+def z_score(diff: float, se: float, atol: float = 1e-12) -> float:
+    """``diff / se``; 0 when both are at rounding level, ``inf`` when only ``se`` is."""
+    if se > 0:
+        return diff / se
+    return 0.0 if abs(diff) <= atol else math.copysign(math.inf, diff)
+
+
+# ----------------------------------------------------------------------------- output
+def progress(iterable: Iterable, desc: str, total: int | None = None, enabled: bool | None = None):
+    """A tqdm progress bar, shown only when stderr is a terminal (or when ``enabled``)."""
+    from tqdm.auto import tqdm
+
+    show = sys.stderr.isatty() if enabled is None else enabled
+    return tqdm(iterable, desc=desc, total=total, disable=not show, leave=False, dynamic_ncols=True)
+
+
+def command_line(prog: str, args: Any, parser: Any) -> str:
+    """The full command equivalent to the parsed ``args`` (every option spelled out).
+
+    Rebuilt from the namespace rather than ``sys.argv`` so that it is right however the
+    command was invoked (``binopt``, ``python -m applications.cli`` or ``main([...])``).
+    """
+    parts = [prog]
+    for action in parser._actions:  # argparse keeps no public list of its actions
+        if not action.option_strings or action.dest in ("help",):
+            continue
+        value = getattr(args, action.dest, None)
+        opt = action.option_strings[-1]
+        if action.nargs == 0:  # store_true / store_false
+            if value != action.default:
+                parts.append(opt)
+        elif value is None:
+            continue
+        elif isinstance(value, (list, tuple)):
+            parts += [opt, *(shlex.quote(str(v)) for v in value)]
+        else:
+            parts += [opt, shlex.quote(str(value))]
+    return " ".join(parts)
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine facts recorded next to benchmark results."""
+    import os
+    import platform
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def default_results_dir(root: Path) -> str:
+    """``benchmarks/results`` relative to the working directory when possible."""
+    import os
+
+    target = Path(root) / "benchmarks" / "results"
+    try:
+        return os.path.relpath(target)
+    except ValueError:  # another drive on Windows
+        return str(target)
+
+
+def to_jsonable(obj: Any, digits: int | None = None) -> Any:
+    """Tensors and arrays to lists, non-finite floats to strings, recursively.
+
+    ``digits`` rounds floats to that many significant digits (smaller files).
+    """
+    if isinstance(obj, torch.Tensor):
+        obj = obj.detach().cpu().numpy()
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist(), digits)
+    if isinstance(obj, (np.floating, np.integer)):
+        return to_jsonable(obj.item(), digits)
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            return str(obj)
+        return obj if digits is None else float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v, digits) for v in obj]
+    return obj
+
+
+def write_json(path: Path, payload: dict[str, Any], digits: int | None = 7) -> Path:
+    """Write ``payload`` as indented JSON (creating parent folders), floats rounded to
+    ``digits`` significant digits (``None``: full precision)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dumps_compact(to_jsonable(payload, digits)) + "\n")
+    return path
+
+
+def dumps_compact(obj: Any, indent: int = 1, level: int = 0) -> str:
+    """JSON with nested containers indented but lists of scalars kept on one line."""
+    pad, inner = " " * (indent * level), " " * (indent * (level + 1))
+    if isinstance(obj, dict):
+        if not obj:
+            return "{}"
+        items = [
+            f"{inner}{json.dumps(str(k))}: {dumps_compact(v, indent, level + 1)}"
+            for k, v in obj.items()
+        ]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(obj, list):
+        if all(not isinstance(v, (dict, list)) for v in obj):
+            return json.dumps(obj)
+        items = [f"{inner}{dumps_compact(v, indent, level + 1)}" for v in obj]
+        return "[\n" + ",\n".join(items) + "\n" + pad + "]"
+    return json.dumps(obj)
+
+
+def output_dir(path: str | Path) -> Path:
+    """Create the output folder or raise a :class:`UserError` saying why it cannot be."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output folder {str(out)!r}: {exc.strerror}") from exc
+    return out
+
+
+def pyplot():
+    """``matplotlib.pyplot`` with the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Right-aligned plain-text table (first column left-aligned)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for r in [header, *rows]:
+        cells = [
+            str(c).ljust(w) if i == 0 else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def fmt(x: float | None, digits: int = 4) -> str:
+    """Compact float formatting; ``n/a`` for missing values."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x == 0:
+        return "0"
+    ax = abs(x)
+    if 1e-3 <= ax < 1e5:
+        return f"{x:.{digits}g}"
+    return f"{x:.{digits - 1}e}"
+
+
+def standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean of ``values`` (``nan`` for fewer than two)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size < 2:
+        return float("nan")
+    return float(v.std(ddof=1) / math.sqrt(v.size))

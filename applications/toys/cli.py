@@ -1,0 +1,329 @@
+"""``binopt variance``: bias and variance of estimators on a problem, as a table, JSON and PNG.
+
+Examples
+--------
+The ARM-paper toy at two logits (the bar of issue #3)::
+
+    binopt variance --problem toy --p0 0.49 --dim 1 --phi 0 2 \\
+        --estimators reinforce,arm,disarm --num-samples 200000 --out results/
+
+Max-cut on a random graph after 200 training steps of DisARM::
+
+    binopt variance --problem maxcut --nodes 10 --step 200 --train-estimator disarm
+
+The binary VAE's gradient basket after 500 training steps::
+
+    binopt variance --problem vae --model linear --step 500 --num-samples 200
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ._common import (
+    command_line,
+    fmt,
+    format_table,
+    output_dir,
+    parse_estimator_list,
+    parse_estimator_spec,
+    write_json,
+)
+from .variance import Setting, logit_setting, measure, ordering
+
+DEFAULT_ESTIMATORS = "reinforce,reinforce_loo,arm,disarm,straight_through,gumbel"
+PROBLEMS = ("toy", "maxcut", "vae")
+_PARSERS: dict[str, argparse.ArgumentParser] = {}
+
+
+def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    """Add the ``variance`` subcommand to the ``binopt`` dispatcher."""
+    p = subparsers.add_parser(
+        name,
+        help=help_text,
+        description=(
+            "Draw many independent gradient estimates of each estimator at the same point of "
+            "a problem and report mean, variance, bias against the exact gradient (where "
+            "computable) and variance x evaluations of f (variance at equal cost)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--problem", choices=PROBLEMS, default="toy", help="problem to measure on")
+    p.add_argument(
+        "--estimators",
+        default=DEFAULT_ESTIMATORS,
+        help="comma-separated estimators; options as name:key=value (reinforce_loo:num_samples=4)",
+    )
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=None,
+        help="independent estimates per estimator (default 10000; 200 for the VAE)",
+    )
+    p.add_argument("--chunk-size", type=int, default=10_000, help="estimates per vectorized call")
+    p.add_argument("--seed", type=int, default=0, help="seed of the estimators' generators")
+    p.add_argument("--coord", type=int, default=None, help="report one unit instead of all")
+    p.add_argument(
+        "--independent-streams",
+        action="store_true",
+        help="give each estimator its own random stream (default: common random numbers, "
+        "every estimator seeded with --seed, which sharpens comparisons)",
+    )
+    where = p.add_argument_group("where to measure (toy, maxcut)")
+    where.add_argument(
+        "--phi",
+        type=float,
+        nargs="+",
+        default=None,
+        help="logit value(s) for every unit; one table per value (default: 0 for the toy, "
+        "normal logits with std 0.1 for max-cut)",
+    )
+    where.add_argument("--logits", default=None, help="explicit comma-separated logit vector")
+    where.add_argument(
+        "--step", type=int, default=0, help="first train this many steps, then measure there"
+    )
+    where.add_argument(
+        "--train-estimator", default="disarm", help="estimator that trains up to --step"
+    )
+    where.add_argument("--lr", type=float, default=None, help="Adam learning rate for --step")
+    toy = p.add_argument_group("toy (Yin-Zhou)")
+    toy.add_argument("--p0", type=float, default=0.49)
+    toy.add_argument("--dim", type=int, default=1, help="number of binary units D")
+    toy.add_argument("--mode", choices=("max", "min"), default="max")
+    mc = p.add_argument_group("maxcut")
+    mc.add_argument("--nodes", type=int, default=10)
+    mc.add_argument("--edge-prob", type=float, default=0.5)
+    mc.add_argument("--graph-seed", type=int, default=0)
+    mc.add_argument("--weighted", action="store_true", help="uniform (0, 1] edge weights")
+    vae = p.add_argument_group("vae")
+    vae.add_argument("--model", choices=("linear", "nonlinear"), default="linear")
+    vae.add_argument("--batch-size", type=int, default=50)
+    vae.add_argument("--latent-dim", type=int, default=200)
+    out = p.add_argument_group("output")
+    out.add_argument("--out", default="variance_results", help="output folder")
+    out.add_argument("--name", default=None, help="file name stem (default variance_PROBLEM)")
+    out.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.set_defaults(func=run, _subcommand=name)
+    _PARSERS[name] = p
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``binopt variance``."""
+    specs = parse_estimator_list(args.estimators)
+    n = (
+        args.num_samples
+        if args.num_samples is not None
+        else (200 if args.problem == "vae" else 10_000)
+    )
+    if n < 2:
+        raise UserError(f"--num-samples must be >= 2; got {n}")
+    if args.chunk_size < 1:
+        raise UserError(f"--chunk-size must be >= 1; got {args.chunk_size}")
+    if args.step < 0:
+        raise UserError(f"--step must be >= 0; got {args.step}")
+    train_spec = parse_estimator_spec(args.train_estimator)
+    if args.problem == "vae":
+        problem, settings = _vae_settings(args, train_spec)
+        chunk = min(args.chunk_size, 50)
+    else:
+        problem, settings = _logit_settings(args, train_spec)
+        chunk = args.chunk_size
+    results = []
+    for setting in settings:
+        try:
+            rows = measure(
+                setting,
+                specs,
+                n,
+                chunk,
+                args.seed,
+                args.coord,
+                common_random_numbers=not args.independent_streams,
+            )
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        results.append({"label": setting.label, "info": setting.info, "rows": rows})
+        _print_setting(problem, setting, rows, n, args.coord)
+    out = output_dir(args.out)
+    stem = args.name or f"variance_{args.problem}"
+    payload = {
+        "command": command_line(f"binopt {args._subcommand}", args, _PARSERS[args._subcommand]),
+        "problem": problem,
+        "num_samples": n,
+        "seed": args.seed,
+        "coord": args.coord,
+        "common_random_numbers": not args.independent_streams,
+        "settings": results,
+    }
+    json_path = write_json(out / f"{stem}.json", payload, digits=None)  # exact comparisons
+    print(f"wrote {json_path}")
+    if not args.no_plot:
+        from .plotting import plot_variance
+
+        title = " ".join(f"{k}={v}" for k, v in problem.items() if k not in ("edges",))
+        png = plot_variance(results, out / f"{stem}.png", title=title)
+        print(f"wrote {png}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- settings
+def _start_logits(args: argparse.Namespace, dim: int) -> list[tuple[str, torch.Tensor]]:
+    if args.logits is not None and args.phi is not None:
+        raise UserError("give either --phi or --logits, not both")
+    if args.logits is not None:
+        try:
+            values = [float(v) for v in args.logits.split(",") if v.strip()]
+        except ValueError as exc:
+            raise UserError(
+                f"--logits must be comma-separated numbers; got {args.logits!r}"
+            ) from exc
+        if len(values) != dim:
+            raise UserError(f"--logits has {len(values)} values; the problem has {dim} units")
+        return [("logits", torch.tensor(values, dtype=torch.float64))]
+    if args.phi is None and args.problem == "maxcut":
+        # phi = 0 is a stationary point of max-cut where ARM/DisARM are exactly 0: start
+        # from small random logits unless asked otherwise
+        g = torch.Generator().manual_seed(args.seed)
+        return [("random init", 0.1 * torch.randn(dim, generator=g, dtype=torch.float64))]
+    phis = args.phi if args.phi is not None else [0.0]
+    return [(f"phi={phi:g}", torch.full((dim,), float(phi), dtype=torch.float64)) for phi in phis]
+
+
+def _train_logits(f, logits: torch.Tensor, spec, steps: int, lr: float, seed: int) -> torch.Tensor:
+    est = spec.build(generator=torch.Generator().manual_seed(seed + 424242))
+    x = logits.clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        est.surrogate(f, x).backward()
+        opt.step()
+    return x.detach()
+
+
+def _logit_settings(args: argparse.Namespace, train_spec) -> tuple[dict[str, Any], list[Setting]]:
+    if args.problem == "toy":
+        from .yin_zhou import YinZhouToy
+
+        try:
+            prob = YinZhouToy(args.p0, args.dim, args.mode)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        f, exact, dim = prob.loss, prob.exact_grad, prob.dim
+        problem = {"name": "yin_zhou", "p0": prob.p0, "dim": prob.dim, "mode": prob.mode}
+    else:
+        from .maxcut import random_maxcut
+
+        try:
+            prob = random_maxcut(args.nodes, args.edge_prob, args.graph_seed, args.weighted)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        f, exact, dim = prob.energy, prob.exact_grad, prob.n
+        problem = {"name": "maxcut", **prob.meta}
+    if args.coord is not None and not 0 <= args.coord < dim:
+        raise UserError(f"--coord must be in [0, {dim}); got {args.coord}")
+    lr = 0.1 if args.lr is None else args.lr
+    settings = []
+    for label, logits in _start_logits(args, dim):
+        info: dict[str, Any] = {"start": label}
+        if args.step > 0:
+            logits = _train_logits(f, logits, train_spec, args.step, lr, args.seed)
+            label = f"{label}, step {args.step}"
+            info.update({"step": args.step, "train_estimator": train_spec.label, "lr": lr})
+        settings.append(logit_setting(label, f, logits, exact(logits), info))
+    return problem, settings
+
+
+def _vae_settings(args: argparse.Namespace, train_spec) -> tuple[dict[str, Any], list[Setting]]:
+    if args.phi is not None or args.logits is not None:
+        raise UserError("--phi/--logits do not apply to the VAE (its logits come from the encoder)")
+    from .vae import basket_gradients, load_mnist, train_vae
+
+    lr = 1e-3 if args.lr is None else args.lr
+    data = load_mnist()
+    run = train_vae(
+        data,
+        train_spec,
+        kind=args.model,
+        steps=args.step,
+        batch_size=args.batch_size,
+        lr=lr,
+        seed=args.seed,
+        latent_dim=args.latent_dim,
+        eval_test=False,
+    )
+    model = run["model"]
+    x = data.batch(args.batch_size, torch.Generator().manual_seed(args.seed * 100_003 + args.step))
+
+    def draw(est, n: int) -> torch.Tensor:
+        try:
+            return basket_gradients(model, x, est, n)[0]
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+
+    problem = {
+        "name": "vae",
+        "model": args.model,
+        "latent_dim": args.latent_dim,
+        "batch_size": args.batch_size,
+        "gradient": "encoder parameters",
+    }
+    info = {"step": args.step, "train_estimator": train_spec.label, "lr": lr}
+    label = f"step {args.step}" + (f" ({train_spec.label})" if args.step else "")
+    return problem, [Setting(label, draw, None, None, info)]
+
+
+# ----------------------------------------------------------------------------- printing
+def _print_setting(
+    problem: dict[str, Any], setting: Setting, rows: list[dict], n: int, coord: int | None
+) -> None:
+    desc = " ".join(f"{k}={v}" for k, v in problem.items() if k != "name")
+    units = rows[0]["units"]
+    print(f"\n{problem['name']} ({desc}) at {setting.label}: {n} estimates per estimator")
+    if coord is not None:
+        print(f"  unit {coord} of {units}")
+    elif units > 1:
+        print(
+            f"  {units} units: mean/exact are Euclidean norms, variances are means over units, "
+            "bias z is the largest per-unit |z|"
+        )
+    header = [
+        "estimator",
+        "evals",
+        "mean",
+        "+-se",
+        "exact",
+        "bias z",
+        "variance",
+        "+-se",
+        "exact var",
+        "var z",
+        "var x evals",
+    ]
+    table = []
+    for r in rows:
+        table.append(
+            [
+                r["estimator"],
+                str(r["evaluations"]),
+                fmt(r["mean"]),
+                fmt(r["mean_se"], 2),
+                fmt(r["exact"]),
+                fmt(r.get("bias_z"), 2),
+                fmt(r["variance"]),
+                fmt(r["variance_se"], 2),
+                fmt(r["exact_variance"]),
+                fmt(r.get("variance_z"), 2),
+                fmt(r["variance_x_evaluations"]),
+            ]
+        )
+    print(format_table(header, table))
+    print(f"variance:               {ordering(rows, 'variance')}")
+    print(f"variance x evaluations: {ordering(rows, 'variance_x_evaluations')}")
+
+
+__all__ = ["register", "run"]

