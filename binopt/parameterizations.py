@@ -205,4 +205,6 @@ def get_parameterization(spec: str | Parameterization | Callable, **options) -> 
         return _NAMED[key](**options)
     if callable(spec):
         return CallableParameterization(spec, **options)
-    raise TypeError(f"parameterization must be a name, a Parameterization or a callable; got {spec!r}")
+    raise TypeError(
+        f"parameterization must be a name, a Parameterization or a callable; got {spec!r}"
+    )

@@ -233,12 +233,7 @@ def per_example_values(
         raise ValueError("the exact estimator cannot be used on the VAE (2^200 states)")
     if logits.dim() != 2:
         raise ValueError(f"logits must be (N, L); got shape {tuple(logits.shape)}")
-    values = est._run(f_rows, logits[0], [logits])
-    if isinstance(est, binopt.REINFORCE) and est.baseline == "moving_average":
-        # what REINFORCE.surrogate does after each estimate (this path bypasses it)
-        v = values.detach().mean()
-        b = est.baseline_value
-        est.baseline_value = v if b is None else est.decay * b + (1 - est.decay) * v
+    values = est.surrogate_rows(f_rows, logits)
     return values
 
 

@@ -73,6 +73,8 @@ class Estimator(abc.ABC):
     evaluations: ClassVar[int] = 1
     requires_differentiable_f: ClassVar[bool] = False
     reparameterized: ClassVar[bool] = False
+    #: Whether :meth:`surrogate_rows` (independent problems per row) is available.
+    supports_rows: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -127,7 +129,41 @@ class Estimator(abc.ABC):
         """
         leaves, _, n = self._prepare(f, logits, num_samples)
         alphas = [leaf.unsqueeze(0).expand((n,) + tuple(leaf.shape)) for leaf in leaves]
-        return self._run(f, logits, alphas).mean()
+        values = self._run(f, logits, alphas)
+        self._after_surrogate(values)
+        return values.mean()
+
+    def surrogate_rows(self, f: ObjectiveFn, logits: torch.Tensor) -> torch.Tensor:
+        """One surrogate value per row of ``logits``: ``N`` independent problems at once.
+
+        For amortized models (a VAE encoder gives each example its own logits and each
+        example has its own objective ``f_n``), averaging one surrogate over the batch would
+        give every example the learning signal of the whole batch. Here row ``n`` of
+        ``logits`` (shape ``(N, *shape)``) is problem ``n``: ``f`` receives samples of shape
+        ``(S, *shape)`` where sample ``s`` belongs to problem ``s % N``, and returns ``(S,)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(N,)``; value ``n`` estimates ``E[f_n]`` and its gradient w.r.t. ``logits[n]``
+            estimates ``grad E[f_n]``. Sum or average them into a loss.
+        """
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(
+                f"logits must be a torch.Tensor of shape (N, ...); got {type(logits).__name__}"
+            )
+        if logits.dim() < 1 or logits.shape[0] < 1:
+            raise ValueError(
+                "logits must have a leading row dimension N >= 1; "
+                f"got shape {tuple(logits.shape)}"
+            )
+        if not self.supports_rows:
+            raise ValueError(f"{type(self).__name__} does not support independent rows")
+        self._prepare(f, logits[0], 1)
+        self._prepare(f, logits, 1)  # value checks on every row
+        values = self._run(f, logits[0], [logits])
+        self._after_surrogate(values)
+        return values
 
     def grad(self, f: ObjectiveFn, logits: Structure, num_samples: int = 1) -> Structure:
         """Detached gradient estimates: the logits' structure, each with a leading dim ``N``.
@@ -151,6 +187,10 @@ class Estimator(abc.ABC):
 
     def _options(self) -> dict[str, Any]:
         return {}
+
+    def _after_surrogate(self, values: torch.Tensor) -> None:
+        """Hook run after every training estimate (e.g. to update a baseline)."""
+        return None
 
     # ------------------------------------------------------------------ subclass hooks
     @abc.abstractmethod

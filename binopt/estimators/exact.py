@@ -40,6 +40,7 @@ class Exact(Estimator):
 
     name = "exact"
     unbiased = True
+    supports_rows = False
 
     def __init__(self, max_dim: int = MAX_EXACT_DIM, **kwargs) -> None:
         super().__init__(**kwargs)

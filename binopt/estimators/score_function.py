@@ -50,16 +50,14 @@ class REINFORCE(Estimator):
             return like.new_zeros(())
         return self.baseline_value.to(device=like.device, dtype=like.dtype)
 
-    def surrogate(self, f, logits, num_samples: int = 1) -> torch.Tensor:
-        loss = super().surrogate(f, logits, num_samples)
+    def _after_surrogate(self, values: torch.Tensor) -> None:
         if self.baseline == "moving_average":
             # Updated after the estimate so that b is independent of the current sample.
-            value = loss.detach()
+            value = values.detach().mean()
             if self.baseline_value is None:
                 self.baseline_value = value
             else:
                 self.baseline_value = self.decay * self.baseline_value + (1 - self.decay) * value
-        return loss
 
     def _estimate(self, call_f: Callable, alphas: list[torch.Tensor]) -> torch.Tensor:
         probs = [torch.sigmoid(a.detach()) for a in alphas]
