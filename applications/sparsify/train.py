@@ -1,0 +1,1285 @@
+"""Training loop for L0-gated networks (L0-ARM, L0-HC and friends) and the dense baseline.
+
+:func:`train` is the one entry point used by the ``binopt sparsify`` command, the benchmark
+and the optuna tuner::
+
+    from applications.sparsify.train import TrainConfig, train
+    summary = train(TrainConfig(model="mlp", dataset="mnist5k", lam=0.1, epochs=15,
+                                out="runs/quickstart"))
+    summary["architecture"], summary["test_error"]
+
+What a run writes to ``OUT/``
+-----------------------------
+``metrics.jsonl``
+    One JSON object per epoch (losses, training/validation/test error, expected kept
+    fraction, kept units and architecture, timings).
+``checkpoint.pt``
+    Model, optimizer, scheduler and every random state after the last finished epoch,
+    replaced atomically (written to a temporary file in the same folder, then
+    ``os.replace``). ``resume=True`` continues from it and reaches exactly the same final
+    state as an uninterrupted run with the same settings on the same device.
+``summary.json``, ``summary.png``
+    The final results (see :func:`train`) and a plot of the kept units per layer and the
+    error per epoch.
+``exported/``
+    The pruned network as a genuinely smaller dense module (when
+    :mod:`applications.sparsify.export` is available).
+``dense/``
+    The dense baseline's metrics and checkpoint when ``baseline="dense"``.
+
+Randomness
+----------
+Everything is seeded from ``config.seed``: the weights (torch's global generator, seeded
+just before the model is built, so the dense baseline starts from the same weights), the
+minibatch order (a dedicated ``torch.Generator`` for the data loader) and the gate samples
+(a dedicated generator handed to the estimator). The train/test split of ``mnist5k``, the
+validation split and ``limit`` subsampling are seeded by ``config.data_seed`` so that runs
+with different seeds are evaluated on the same examples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+
+import binopt
+from applications.errors import UserError
+
+from .network import GatedNetwork
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "ConfigError",
+    "TrainConfig",
+    "TrainingDivergedError",
+    "evaluate",
+    "load_checkpoint",
+    "train",
+    "train_dense",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+SUMMARY_NAME = "summary.json"
+PLOT_NAME = "summary.png"
+_CHECKPOINT_FORMAT = 1
+
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine", "step")
+BASELINES = ("dense",)
+PARAMETERIZATIONS = ("scaled_sigmoid", "hard_sigmoid", "sigmoid")
+# Louizos et al. keep log a of hard-concrete gates inside [log 1e-2, log 1e2].
+_HC_LOG_A_RANGE = (math.log(1e-2), math.log(1e2))
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid training setting (a :class:`UserError`: one line on the command line)."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or infinite; the last good checkpoint is left intact.
+
+    Attributes
+    ----------
+    epoch, step : int
+        Where it happened (1-based epoch, 1-based step within the epoch).
+    checkpoint : str or None
+        Path of the last good checkpoint, ``None`` if no epoch had finished.
+    """
+
+    def __init__(self, message: str, *, epoch: int, step: int, checkpoint: str | None) -> None:
+        super().__init__(message)
+        self.epoch, self.step, self.checkpoint = epoch, step, checkpoint
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one sparsification run (all JSON-serialisable).
+
+    Attributes
+    ----------
+    model : str
+        ``"mlp"`` (784-300-100-10), ``"lenet5"`` (LeNet-5-Caffe) or ``"wrn"``
+        (Wide-ResNet, 28-10 unless ``model_options`` say otherwise).
+    dataset : str
+        ``"mnist5k"`` and ``"mnist1d"`` work offline; ``"mnist"``, ``"cifar10"`` and
+        ``"cifar100"`` are read from ``data_root``.
+    data_root : str or None
+        Folder with the full data sets in torchvision's layout.
+    estimator : str
+        Gradient estimator for the gates: ``"arm"`` (L0-ARM), ``"hard_concrete"``
+        (L0-HC), ``"disarm"``, ``"straight_through"``, ``"reinforce_loo"``, ... Any name
+        of :func:`binopt.available_estimators` except ``"exact"`` on large networks.
+    estimator_options : dict
+        Extra keyword arguments of the estimator (e.g. ``{"temperature": 0.5}``).
+    lam : float or dict
+        L0 strength ``lambda``, one value for every gated layer or a dict gated-layer name
+        -> value (missing layers get 0). The penalty is ``sum_l lam_l / N * sum_j
+        P(z_j != 0) |g_j|`` with ``N`` the number of training examples.
+    parameterization : str
+        Gate parameterization ``pi = g(phi)``: ``"scaled_sigmoid"`` (``sigmoid(k phi)``,
+        the L0-ARM default), ``"hard_sigmoid"`` or ``"sigmoid"``. Ignored by
+        ``"hard_concrete"``, whose parameters are always ``log a``
+        (``parameterization="sigmoid"``, as in Louizos et al.); ``log a`` is also clamped
+        to ``[log 1e-2, log 1e2]`` after each step as in their code.
+    k : float
+        Slope of the scaled / hard sigmoid.
+    init_drop_rate : float or None
+        Initial probability that a gate is off; ``None`` keeps the model's default
+        (MLP: 0.2 for the first layer, 0.5 elsewhere; LeNet-5: 0.5; WRN: 0.3). For hard
+        concrete it initialises ``log a = logit(1 - init_drop_rate)``.
+    epochs, batch_size, lr : int, int, float
+    optimizer : str
+        ``"adam"`` (weights and gates, as in the reference) or ``"sgd"`` (momentum 0.9,
+        Nesterov, as for Wide-ResNets).
+    lr_schedule : str
+        ``"constant"``, ``"cosine"`` or ``"step"`` (x0.2 at 30%, 60% and 80% of the epochs,
+        the Wide-ResNet schedule).
+    gate_lr : float or None
+        Learning rate of the gate parameters ``phi`` (``None``: ``lr``, as in the
+        reference). With Adam, ``phi`` moves about ``gate_lr`` per step whatever the
+        gradient's scale, so the logits move about ``k * gate_lr``: a larger ``gate_lr``
+        lets the gates settle in fewer steps.
+    weight_decay : float
+        L2 on the weights (never on the gate parameters).
+    seed, data_seed : int
+        Seed of the weights, batch order and gate samples; seed of the data splits.
+    device : str
+        ``"auto"`` (``cuda`` when present, else ``cpu``), ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
+    amp : bool
+        Mixed precision (bfloat16 autocast, or float16 with loss scaling), CUDA only.
+    num_threads : int or None
+        ``torch.set_num_threads`` for this run on CPU (restored afterwards). Small models on
+        a busy machine often run much faster with 1.
+    out : str
+        Output folder.
+    resume : bool
+        Continue from ``OUT/checkpoint.pt`` if it exists (else start afresh).
+    baseline : str or None
+        ``"dense"``: also train the ungated network with the same budget (epochs, batch
+        size, optimizer, seed) and report ``dense_test_error``.
+    validation_fraction : float
+        ``> 0``: move this fraction of the training set (seeded by ``data_seed``) to a
+        validation set and report ``val_error`` every epoch (for tuning; the test set is
+        never used to choose anything).
+    limit : int or None
+        Keep at most this many training and test examples (tests, smoke runs).
+    model_options : dict
+        Extra arguments of the model builder, e.g. ``{"hidden": [100, 50]}`` for the MLP or
+        ``{"depth": 16, "width": 4}`` for the WRN.
+    progress : bool
+        Progress bar (on a terminal) or one line per epoch; ``False`` prints nothing.
+    """
+
+    model: str = "mlp"
+    dataset: str = "mnist5k"
+    data_root: str | None = None
+    estimator: str = "arm"
+    lam: float | dict[str, float] = 0.1
+    parameterization: str = "scaled_sigmoid"
+    k: float = 7.0
+    init_drop_rate: float | None = None
+    epochs: int = 10
+    batch_size: int = 100
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    out: str = "runs/sparsify"
+    resume: bool = False
+    baseline: str | None = None
+    validation_fraction: float = 0.0
+    limit: int | None = None
+    model_options: dict = field(default_factory=dict)
+    progress: bool = True
+    # --- additions beyond the shared contract (all optional)
+    estimator_options: dict = field(default_factory=dict)
+    lr_schedule: str = "constant"
+    gate_lr: float | None = None
+    data_seed: int = 0
+    num_threads: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of the settings."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Build a config from a dict, rejecting unknown keys."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown training setting(s) {', '.join(unknown)}")
+        return cls(**dict(data))
+
+    @property
+    def effective_parameterization(self) -> str:
+        """The parameterization actually used (``"sigmoid"`` for hard concrete)."""
+        if _is_hard_concrete(self.estimator):
+            return "sigmoid"
+        return _norm(self.parameterization)
+
+    def validate(self, *, custom_model: bool = False, custom_data: bool = False) -> None:
+        """Check every setting; raise :class:`ConfigError` with a clear message.
+
+        ``custom_model`` / ``custom_data``: the model / data are passed to :func:`train`
+        directly, so ``model`` / ``dataset`` are only labels and are not checked.
+        """
+        from .data import available_datasets
+        from .models import MODELS
+
+        if not custom_model:
+            _check_choice("model", self.model, MODELS, aliases=_MODEL_ALIASES)
+        if not custom_data:
+            _check_choice("dataset", self.dataset, available_datasets())
+        names = binopt.available_estimators()
+        try:
+            binopt.get_estimator(self.estimator, **dict(self.estimator_options))
+        except ValueError as exc:
+            if "unknown estimator" in str(exc):
+                raise ConfigError(
+                    f"unknown estimator {self.estimator!r}; choose one of {', '.join(names)}"
+                ) from None
+            raise ConfigError(f"bad estimator options {self.estimator_options}: {exc}") from None
+        except TypeError as exc:
+            raise ConfigError(f"bad estimator options {self.estimator_options}: {exc}") from None
+        if not _is_hard_concrete(self.estimator):
+            _check_choice("parameterization", self.parameterization, PARAMETERIZATIONS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.baseline is not None:
+            _check_choice("baseline", self.baseline, BASELINES)
+        _check_lam(self.lam)
+        _check_number("k", self.k, positive=True)
+        if self.init_drop_rate is not None:
+            v = _check_number("init_drop_rate", self.init_drop_rate)
+            if not 0.0 < v < 1.0:
+                raise ConfigError(f"init_drop_rate must be in (0, 1); got {self.init_drop_rate}")
+        _check_int("epochs", self.epochs, minimum=1)
+        _check_int("batch_size", self.batch_size, minimum=1)
+        _check_number("lr", self.lr, positive=True)
+        if self.gate_lr is not None:
+            _check_number("gate_lr", self.gate_lr, positive=True)
+        _check_number("weight_decay", self.weight_decay, nonnegative=True)
+        _check_int("seed", self.seed, minimum=0, maximum=2**63 - 1)
+        _check_int("data_seed", self.data_seed, minimum=0, maximum=2**63 - 1)
+        v = _check_number("validation_fraction", self.validation_fraction, nonnegative=True)
+        if not v < 1.0:
+            raise ConfigError(f"validation_fraction must be in [0, 1); got {v}")
+        if self.limit is not None:
+            _check_int("limit", self.limit, minimum=2)
+        if self.num_threads is not None:
+            _check_int("num_threads", self.num_threads, minimum=1)
+        if not isinstance(self.model_options, Mapping):
+            raise ConfigError(f"model_options must be a dict; got {self.model_options!r}")
+        if not isinstance(self.estimator_options, Mapping):
+            raise ConfigError(f"estimator_options must be a dict; got {self.estimator_options!r}")
+        if not isinstance(self.out, (str, os.PathLike)) or not str(self.out):
+            raise ConfigError(f"out must be a folder path; got {self.out!r}")
+        _resolve_device(self.device, self.amp)
+
+
+# =============================================================================== helpers
+_MODEL_ALIASES = {"lenet5_caffe": "lenet5", "lenet": "lenet5", "wide_resnet": "wrn",
+                  "wideresnet": "wrn"}
+
+
+def _norm(name: str) -> str:
+    return str(name).strip().lower().replace("-", "_")
+
+
+def _is_hard_concrete(estimator: str) -> bool:
+    try:
+        return isinstance(binopt.get_estimator(estimator), binopt.HardConcrete)
+    except (ValueError, TypeError):
+        return False
+
+
+def _check_choice(what: str, value: object, choices, aliases: Mapping[str, str] | None = None):
+    if isinstance(value, str):
+        key = _norm(value)
+        key = (aliases or {}).get(key, key)
+        if key in choices:
+            return key
+    raise ConfigError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+
+
+def _check_number(what: str, value: object, *, positive: bool = False,
+                  nonnegative: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{what} must be a number; got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ConfigError(f"{what} must be finite; got {value}")
+    if positive and not v > 0:
+        raise ConfigError(f"{what} must be > 0; got {value}")
+    if nonnegative and not v >= 0:
+        raise ConfigError(f"{what} must be >= 0; got {value}")
+    return v
+
+
+def _check_int(what: str, value: object, *, minimum: int | None = None,
+               maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{what} must be an integer; got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{what} must be >= {minimum}; got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{what} must be <= {maximum}; got {value}")
+    return value
+
+
+def _check_lam(lam: object) -> None:
+    if isinstance(lam, Mapping):
+        if not lam:
+            raise ConfigError("lam is an empty per-layer dict; give at least one layer=value")
+        for name, value in lam.items():
+            v = _check_number(f"lam[{name!r}]", value)
+            if v < 0:
+                raise ConfigError(f"lam must be >= 0; got lam[{name!r}] = {value}")
+        return
+    v = _check_number("lam", lam)
+    if v < 0:
+        raise ConfigError(f"lam must be >= 0; got {lam}")
+
+
+def _resolve_device(device: str, amp: bool) -> torch.device:
+    if not isinstance(device, str):
+        raise ConfigError(f"device must be a string like 'auto', 'cpu' or 'cuda'; got {device!r}")
+    if device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(
+                f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+            ) from None
+        if dev.type not in ("cpu", "cuda"):
+            raise ConfigError(f"unsupported device {device!r}; use 'auto', 'cpu' or 'cuda'")
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device {device!r} requested but CUDA is not available")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise ConfigError(
+                    f"device {device!r} does not exist; {torch.cuda.device_count()} CUDA "
+                    "device(s) present"
+                )
+    if amp and dev.type != "cuda":
+        raise ConfigError("amp (mixed precision) needs a CUDA device; drop --amp on CPU")
+    return dev
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "binopt": str(binopt.__version__),
+        "torch": str(torch.__version__),
+        "python": platform.python_version(),
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+# =============================================================================== data/model
+def _custom_data(data: Any, config: TrainConfig):
+    from .data import DatasetSplits
+
+    if isinstance(data, DatasetSplits):
+        splits = data
+    else:
+        try:
+            train_ds, test_ds = data
+        except (TypeError, ValueError):
+            raise ConfigError("data must be a DatasetSplits or a (train, test) pair of "
+                              "TensorDatasets") from None
+        for name, ds in (("train", train_ds), ("test", test_ds)):
+            if not isinstance(ds, TensorDataset) or len(ds.tensors) != 2:
+                raise ConfigError(f"data {name} must be a TensorDataset of (inputs, labels)")
+            if ds.tensors[1].dtype != torch.int64 or ds.tensors[1].dim() != 1:
+                raise ConfigError(f"data {name} labels must be a 1-d int64 tensor")
+        labels = torch.cat([train_ds.tensors[1], test_ds.tensors[1]])
+        if len(labels) == 0 or int(labels.min()) < 0:
+            raise ConfigError("data labels must be class indices 0 .. C-1")
+        splits = DatasetSplits(train=train_ds, test=test_ds,
+                               input_shape=tuple(int(d) for d in train_ds.tensors[0].shape[1:]),
+                               num_classes=int(labels.max()) + 1, name=str(config.dataset))
+    if config.limit is not None:
+        gen = torch.Generator().manual_seed(config.data_seed)
+
+        def cut(ds: TensorDataset) -> TensorDataset:
+            if len(ds) <= config.limit:
+                return ds
+            idx = torch.randperm(len(ds), generator=gen)[: config.limit].sort().values
+            return TensorDataset(*(t[idx] for t in ds.tensors))
+
+        splits = DatasetSplits(cut(splits.train), cut(splits.test), splits.input_shape,
+                               splits.num_classes, splits.name)
+    return splits
+
+
+def _load_data(config: TrainConfig, data: Any = None):
+    """Return ``(train, val | None, test, input_shape, num_classes)``."""
+    from .data import DatasetNotFoundError, load_dataset
+
+    if data is not None:
+        return _split(_custom_data(data, config), config)
+    options: dict[str, Any] = {}
+    if config.limit is not None:
+        options["limit"] = int(config.limit)
+    try:
+        splits = load_dataset(config.dataset, data_root=config.data_root,
+                              seed=config.data_seed, **options)
+    except DatasetNotFoundError as exc:
+        raise ConfigError(str(exc).strip().replace("\n", " ")) from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc)) from None
+    return _split(splits, config)
+
+
+def _split(splits, config: TrainConfig):
+    train_ds, val_ds = splits.train, None
+    if config.validation_fraction > 0:
+        try:
+            train_ds, val_ds = splits.validation_split(config.validation_fraction,
+                                                       seed=config.data_seed)
+        except ValueError as exc:
+            raise ConfigError(f"validation split: {exc}") from None
+    return train_ds, val_ds, splits.test, tuple(splits.input_shape), splits.num_classes
+
+
+def _gate_options(config: TrainConfig) -> dict[str, Any]:
+    param = config.effective_parameterization
+    opts: dict[str, Any] = {"parameterization": param}
+    if param in ("scaled_sigmoid", "hard_sigmoid"):
+        opts["k"] = float(config.k)
+    if config.init_drop_rate is not None:
+        opts["init_drop_rate"] = float(config.init_drop_rate)
+    return opts
+
+
+def _has_gates(module: nn.Module) -> bool:
+    from .layers import L0Layer
+
+    return any(isinstance(m, L0Layer) and m.gate is not None for m in module.modules())
+
+
+def _custom_module(config: TrainConfig, user_module: nn.Module, gated: bool) -> nn.Module:
+    """The user's network with gates (``to_l0``) or its dense twin (same weights)."""
+    import copy
+
+    from .models import to_l0
+
+    torch.manual_seed(config.seed)
+    if _has_gates(user_module):
+        module = copy.deepcopy(user_module)
+        if gated:
+            return module
+        from .layers import L0Layer
+
+        for m in module.modules():  # the dense twin: the same layers without gates
+            if isinstance(m, L0Layer) and m.gate is not None:
+                m.gate = None
+        return module
+    opts = _gate_options(config)
+    try:
+        return to_l0(user_module, gate_linear=gated, gate_conv=gated, **opts)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot add L0 gates to the model: {exc}") from None
+
+
+def _build_module(config: TrainConfig, input_shape, num_classes: int, gated: bool,
+                  user_module: nn.Module | None = None) -> nn.Module:
+    from .models import MODELS, build_model
+
+    if user_module is not None:
+        return _custom_module(config, user_module, gated)
+    options = dict(config.model_options)
+    options.update(_gate_options(config))
+    if (_check_choice("model", config.model, MODELS, _MODEL_ALIASES) == "mlp"
+            and "init_drop_rate" not in options and "hidden" in options):
+        # mlp()'s default drop rates (0.2, 0.5, 0.5) fit exactly two hidden layers
+        try:
+            depth = len(list(options["hidden"])) + 1
+        except TypeError:
+            raise ConfigError(f"model option hidden must be a list of widths; got "
+                              f"{options['hidden']!r}") from None
+        options["init_drop_rate"] = (0.2,) + (0.5,) * (depth - 1)
+    torch.manual_seed(config.seed)
+    try:
+        return build_model(config.model, input_shape=input_shape, num_classes=num_classes,
+                           gated=gated, **options)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot build model {config.model!r}: {exc}") from None
+
+
+def _make_optimizer(config: TrainConfig, net: GatedNetwork) -> torch.optim.Optimizer:
+    weights = list(net.weight_parameters())
+    gates = list(net.gate_parameters())
+    groups = [{"params": weights, "weight_decay": float(config.weight_decay)}]
+    if gates:
+        gate_lr = config.lr if config.gate_lr is None else float(config.gate_lr)
+        groups.append({"params": gates, "weight_decay": 0.0, "lr": gate_lr})
+    if _norm(config.optimizer) == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
+    return torch.optim.Adam(groups, lr=config.lr)
+
+
+def _make_scheduler(config: TrainConfig, opt: torch.optim.Optimizer):
+    kind = _norm(config.lr_schedule)
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
+    if kind == "step":
+        milestones = sorted({max(1, round(config.epochs * f)) for f in (0.3, 0.6, 0.8)})
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.2)
+    return None
+
+
+def _loader(ds: TensorDataset, batch_size: int, generator: torch.Generator) -> DataLoader:
+    # A batch sampler as the sampler: each step indexes the tensors once (no per-example
+    # collation), and all shuffling randomness comes from `generator`.
+    sampler = BatchSampler(RandomSampler(ds, generator=generator), batch_size, drop_last=False)
+    return DataLoader(ds, sampler=sampler, batch_size=None, generator=generator)
+
+
+def _to_device(ds: TensorDataset | None, device: torch.device) -> TensorDataset | None:
+    if ds is None or device.type == "cpu":
+        return ds
+    nbytes = sum(t.element_size() * t.numel() for t in ds.tensors)
+    if nbytes > 2 * 1024**3:
+        return ds
+    return TensorDataset(*(t.to(device) for t in ds.tensors))
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, dataset: TensorDataset, device: torch.device | str = "cpu",
+             batch_size: int = 1000, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Error and mean cross-entropy of ``net`` in eval mode (test-time gates).
+
+    Parameters
+    ----------
+    net : nn.Module
+        Typically a :class:`GatedNetwork`; its ``forward`` applies the deterministic gates.
+    dataset : TensorDataset
+        ``(x, y)`` pairs.
+
+    Returns
+    -------
+    dict
+        ``{"error": fraction misclassified, "loss": mean cross-entropy}``.
+    """
+    device = torch.device(device)
+    was_training = net.training
+    net.eval()
+    x_all, y_all = dataset.tensors[0], dataset.tensors[1]
+    wrong, loss, n = 0, 0.0, len(y_all)
+    try:
+        for i in range(0, n, batch_size):
+            x = x_all[i:i + batch_size].to(device, non_blocking=True)
+            y = y_all[i:i + batch_size].to(device, non_blocking=True)
+            ctx = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                   else contextlib.nullcontext())
+            with ctx:
+                out = net(x)
+            out = out.float()
+            loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+            wrong += int((out.argmax(1) != y).sum())
+    finally:
+        net.train(was_training)
+    return {"error": wrong / max(n, 1), "loss": loss / max(n, 1)}
+
+
+# =============================================================================== checkpoints
+def _fingerprint(config: TrainConfig) -> dict[str, Any]:
+    """Settings that determine the training trajectory (must match to resume)."""
+    d = config.to_dict()
+    for key in ("epochs", "out", "resume", "progress", "device", "num_threads", "baseline"):
+        d.pop(key, None)
+    if _norm(config.lr_schedule) != "constant":  # the schedule depends on the epoch count
+        d["epochs"] = config.epochs
+    return d
+
+
+def _estimator_state(est: binopt.Estimator) -> dict[str, Any]:
+    return {k: v for k, v in vars(est).items() if k != "generator"}
+
+
+def _atomic_save(payload: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint written by :func:`train` (``OUT/checkpoint.pt``).
+
+    Returns
+    -------
+    dict
+        Keys ``epoch`` (finished epochs), ``model`` (state dict of the
+        :class:`GatedNetwork`), ``optimizer``, ``history`` (metrics per epoch), ``config``
+        (the settings), ``rng`` and more.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # corrupt or foreign file
+        raise ConfigError(f"cannot read checkpoint {path}: {exc}") from None
+
+
+# =============================================================================== one phase
+@dataclass
+class _Phase:
+    name: str  # "l0" or "dense"
+    net: GatedNetwork
+    folder: Path
+    estimator_generator: torch.Generator | None
+
+
+class _Printer:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = enabled and _isatty()
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+
+def _isatty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _run_phase(
+    phase: _Phase,
+    config: TrainConfig,
+    data: tuple,
+    device: torch.device,
+    printer: _Printer,
+    epoch_callback: Callable[[int, dict], None] | None,
+) -> tuple[list[dict], float]:
+    """Train one network for ``config.epochs`` epochs (resuming if asked).
+
+    Returns the metrics history and the accumulated training wall time.
+    """
+    train_ds, val_ds, test_ds = data
+    net = phase.net
+    folder = phase.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt_path = folder / CHECKPOINT_NAME
+    metrics_path = folder / METRICS_NAME
+    opt = _make_optimizer(config, net)
+    scheduler = _make_scheduler(config, opt)
+    amp_dtype = None
+    scaler = None
+    if config.amp:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if amp_dtype == torch.float16:
+            scaler = torch.amp.GradScaler("cuda")
+    loader_gen = torch.Generator().manual_seed(config.seed)
+    est_gen = phase.estimator_generator
+    is_hc = isinstance(net.estimator, binopt.HardConcrete) and bool(net.gated_layers())
+    fingerprint = _fingerprint(config)
+
+    history: list[dict] = []
+    start_epoch = 0
+    train_time = 0.0
+    torch.manual_seed(config.seed)
+    if config.resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+        if ckpt.get("format") != _CHECKPOINT_FORMAT or ckpt.get("phase") != phase.name:
+            raise ConfigError(f"{ckpt_path} is not a {phase.name} checkpoint of this version")
+        old = ckpt.get("fingerprint", {})
+        diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+        if diff:
+            details = ", ".join(f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in diff)
+            raise ConfigError(
+                f"cannot resume from {ckpt_path}: it was written with other settings ({details}); "
+                "use the same settings or a new --out"
+            )
+        try:
+            net.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"cannot resume from {ckpt_path}: the network does not match "
+                              f"the checkpoint ({first})") from None
+        if scheduler is not None and ckpt.get("scheduler") is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler") is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        for key, value in ckpt.get("estimator_state", {}).items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(device)
+            setattr(net.estimator, key, value)
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            with contextlib.suppress(RuntimeError, IndexError):
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        loader_gen.set_state(rng["loader"])
+        if est_gen is not None and rng.get("estimator") is not None:
+            est_gen.set_state(rng["estimator"])
+        history = list(ckpt["history"])
+        start_epoch = int(ckpt["epoch"])
+        train_time = float(ckpt.get("train_time_s", 0.0))
+        printer.line(f"[{phase.name}] resumed from {ckpt_path} after epoch {start_epoch}")
+    else:
+        if config.resume:
+            printer.line(f"[{phase.name}] no checkpoint in {folder}; starting from scratch")
+        # a fresh run must not leave a stale checkpoint of an earlier run behind
+        ckpt_path.unlink(missing_ok=True)
+    # metrics.jsonl always mirrors the checkpoint's history (lines written after the last
+    # checkpoint by an interrupted run are dropped).
+    with open(metrics_path, "w", encoding="utf-8") as fh:
+        for row in history:
+            fh.write(json.dumps(row) + "\n")
+
+    loader = _loader(train_ds, config.batch_size, loader_gen)
+    steps_per_epoch = len(loader)
+    label = "L0" if phase.name == "l0" else "dense"
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        t0 = time.perf_counter()
+        net.train()
+        sums = {"loss": 0.0, "data_loss": 0.0, "penalty": 0.0}
+        wrong = seen = 0
+        bar = None
+        iterator: Any = loader
+        if printer.bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(loader, desc=f"{label} epoch {epoch}/{config.epochs}", leave=False,
+                       dynamic_ncols=True, file=sys.stderr)
+            iterator = bar
+        try:
+            for step, (x, y) in enumerate(iterator, start=1):
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                ctx = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                       else contextlib.nullcontext())
+                with ctx:
+                    out = net.objective(x, y)
+                loss_value = float(out.loss.detach())
+                if not math.isfinite(loss_value):
+                    where = (f"the last good checkpoint {ckpt_path} (after epoch {epoch - 1}) "
+                             "is intact") if ckpt_path.exists() else (
+                        "no epoch had finished, so there is no checkpoint")
+                    raise TrainingDivergedError(
+                        f"training diverged: the {label} loss is {loss_value} at epoch {epoch}, "
+                        f"step {step}/{steps_per_epoch}; {where}. Try a smaller --lr or --lam.",
+                        epoch=epoch, step=step,
+                        checkpoint=str(ckpt_path) if ckpt_path.exists() else None,
+                    )
+                opt.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(out.loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    out.loss.backward()
+                    opt.step()
+                if is_hc:
+                    with torch.no_grad():
+                        for p in net.gate_parameters():
+                            p.clamp_(*_HC_LOG_A_RANGE)
+                n = int(y.shape[0])
+                sums["loss"] += loss_value * n
+                sums["data_loss"] += float(out.data_loss) * n
+                sums["penalty"] += float(out.penalty) * n
+                wrong += int((out.logits.argmax(1) != y).sum())
+                seen += n
+                if bar is not None and (step % 5 == 0 or step == steps_per_epoch):
+                    bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}",
+                                    err=f"{wrong / seen:.4f}",
+                                    kept=f"{net.expected_kept_fraction():.3f}", refresh=False)
+        finally:
+            if bar is not None:
+                bar.close()
+        if scheduler is not None:
+            scheduler.step()
+        epoch_time = time.perf_counter() - t0
+        train_time += epoch_time
+        row = _epoch_metrics(net, epoch, sums, wrong, seen, val_ds, test_ds, device, amp_dtype,
+                             opt, epoch_time, train_time)
+        history.append(row)
+        payload = {
+            "format": _CHECKPOINT_FORMAT,
+            "phase": phase.name,
+            "epoch": epoch,
+            "config": config.to_dict(),
+            "fingerprint": fingerprint,
+            "model": net.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "estimator_state": _estimator_state(net.estimator),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "loader": loader_gen.get_state(),
+                "estimator": est_gen.get_state() if est_gen is not None else None,
+            },
+            "history": history,
+            "train_time_s": train_time,
+            "versions": _versions(),
+        }
+        _atomic_save(payload, ckpt_path)
+        with open(metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        printer.line(_epoch_line(label, row, config.epochs))
+        if epoch_callback is not None:
+            epoch_callback(epoch, dict(row))
+    return history, train_time
+
+
+def _epoch_metrics(net, epoch, sums, wrong, seen, val_ds, test_ds, device, amp_dtype, opt,
+                   epoch_time, train_time) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "epoch": epoch,
+        "train_loss": sums["loss"] / max(seen, 1),
+        "train_data_loss": sums["data_loss"] / max(seen, 1),
+        "penalty": sums["penalty"] / max(seen, 1),
+        "train_error": wrong / max(seen, 1),
+    }
+    if val_ds is not None:
+        val = evaluate(net, val_ds, device, amp_dtype=amp_dtype)
+        row["val_error"], row["val_loss"] = val["error"], val["loss"]
+    test = evaluate(net, test_ds, device, amp_dtype=amp_dtype)
+    row["test_error"], row["test_loss"] = test["error"], test["loss"]
+    kept = net.kept_units()
+    row["expected_kept_fraction"] = net.expected_kept_fraction()
+    row["kept_units"] = kept
+    row["architecture"] = _architecture(kept)
+    row["gated_weights_kept_fraction"] = _gated_weights_kept(net)
+    row["lr"] = opt.param_groups[0]["lr"]
+    row["epoch_time_s"] = epoch_time
+    row["train_time_s"] = train_time
+    return row
+
+
+def _epoch_line(label: str, row: dict, epochs: int) -> str:
+    parts = [f"[{label}] epoch {row['epoch']:>3}/{epochs}", f"loss {row['train_loss']:.4f}",
+             f"train err {100 * row['train_error']:.2f}%"]
+    if "val_error" in row:
+        parts.append(f"val err {100 * row['val_error']:.2f}%")
+    parts.append(f"test err {100 * row['test_error']:.2f}%")
+    if row.get("kept_units"):
+        parts.append(f"E[kept] {100 * row['expected_kept_fraction']:.1f}%")
+        parts.append(f"arch {row['architecture']}")
+    parts.append(f"{row['epoch_time_s']:.1f}s")
+    return "  ".join(parts)
+
+
+def _architecture(units: Mapping[str, int]) -> str:
+    return "-".join(str(int(v)) for v in units.values())
+
+
+@torch.no_grad()
+def _gated_weights_kept(net: GatedNetwork) -> float:
+    kept = total = 0
+    for layer in net.gated_layers().values():
+        g = layer.gate
+        kept += int((g.deterministic() > 0).sum()) * g.group_size
+        total += g.num_units * g.group_size
+    return kept / total if total else 1.0
+
+
+# =============================================================================== compression
+def _estimate_counts(net: GatedNetwork, input_shape, device) -> dict[str, int]:
+    """Fallback params/FLOPs counts from the test-time gates (no export module needed).
+
+    Counts the weights (and multiply-accumulates) of every Linear/Conv2d; for a gated
+    layer only the groups of its kept units. Units whose removal is implied in a
+    neighbouring layer are not removed, so this slightly overestimates what an export keeps.
+    """
+    from .layers import L0Conv2d, L0Linear
+
+    counts = {"params": 0, "params_dense": 0, "flops": 0, "flops_dense": 0}
+    hooks = []
+
+    def hook(module, inputs, output):
+        if isinstance(module, L0Linear):
+            full = module.in_features * module.out_features
+            kept_frac = _unit_fraction(module)
+            counts["params"] += round(full * kept_frac)
+            counts["params_dense"] += full
+            counts["flops"] += round(full * kept_frac)
+            counts["flops_dense"] += full
+        elif isinstance(module, (L0Conv2d, nn.Conv2d)):
+            conv = module.conv if isinstance(module, L0Conv2d) else module
+            full = conv.weight.numel()
+            kept_frac = _unit_fraction(module) if isinstance(module, L0Conv2d) else 1.0
+            spatial = int(output.shape[-1] * output.shape[-2])
+            counts["params"] += round(full * kept_frac)
+            counts["params_dense"] += full
+            counts["flops"] += round(full * kept_frac) * spatial
+            counts["flops_dense"] += full * spatial
+        elif isinstance(module, nn.Linear):
+            counts["params"] += module.weight.numel()
+            counts["params_dense"] += module.weight.numel()
+            counts["flops"] += module.weight.numel()
+            counts["flops_dense"] += module.weight.numel()
+
+    for m in net.module.modules():
+        if isinstance(m, (L0Linear, L0Conv2d, nn.Conv2d, nn.Linear)):
+            if isinstance(m, nn.Conv2d) and any(
+                isinstance(p, L0Conv2d) and p.conv is m for p in net.module.modules()
+            ):
+                continue
+            hooks.append(m.register_forward_hook(hook))
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(torch.zeros((1, *input_shape), device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+        net.train(was_training)
+    return counts
+
+
+def _unit_fraction(layer) -> float:
+    if layer.gate is None:
+        return 1.0
+    return float((layer.gate.deterministic() > 0).float().mean())
+
+
+def _compression(net: GatedNetwork, dense: nn.Module, input_shape, device,
+                 folder: Path) -> dict[str, Any]:
+    """``params_kept_fraction`` and ``flops_kept_fraction``, from the exported module when
+    :mod:`.export` and :mod:`.flops` exist, else estimated from the kept units."""
+    result: dict[str, Any] = {}
+    try:
+        from .export import export, save_exported
+        from .flops import count_flops, count_params
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("applications.sparsify"):
+            raise
+    else:
+        try:
+            net_cpu_state = net.training
+            net.eval()
+            exported = export(net, input_shape=tuple(input_shape))
+            net.train(net_cpu_state)
+            dense.eval()
+            params = count_params(exported.module)
+            params_dense = count_params(dense)
+            flops = count_flops(exported.module, tuple(input_shape))
+            flops_dense = count_flops(dense, tuple(input_shape))
+            save_exported(exported, folder / "exported")
+            result.update(
+                params_kept=int(params), params_dense=int(params_dense),
+                flops_kept=int(flops), flops_dense=int(flops_dense),
+                params_kept_fraction=params / params_dense if params_dense else 1.0,
+                flops_kept_fraction=flops / flops_dense if flops_dense else 1.0,
+                compression_method="export",
+                exported=str(folder / "exported"),
+            )
+            return result
+        except Exception as exc:  # an export bug must not lose a finished training run
+            warnings.warn(f"export of the pruned network failed ({type(exc).__name__}: {exc}); "
+                          "params/FLOPs kept are estimated from the kept units instead",
+                          RuntimeWarning, stacklevel=2)
+            result["export_error"] = f"{type(exc).__name__}: {exc}"
+    c = _estimate_counts(net, input_shape, device)
+    result.update(
+        params_kept=c["params"], params_dense=c["params_dense"],
+        flops_kept=c["flops"], flops_dense=c["flops_dense"],
+        params_kept_fraction=c["params"] / c["params_dense"] if c["params_dense"] else 1.0,
+        flops_kept_fraction=c["flops"] / c["flops_dense"] if c["flops_dense"] else 1.0,
+        compression_method="estimate",
+    )
+    return result
+
+
+# =============================================================================== entry point
+def train(config: TrainConfig, *,
+          epoch_callback: Callable[[int, dict], None] | None = None,
+          module: nn.Module | None = None,
+          data: Any = None,
+          _dense_only: bool = False) -> dict[str, Any]:
+    """Train an L0-gated network (and the dense baseline if asked); write ``OUT/``.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The settings (validated here; invalid ones raise :class:`ConfigError`).
+    epoch_callback : callable, optional
+        ``epoch_callback(epoch, metrics)`` after every epoch of the gated network, once its
+        checkpoint and metrics line are written; ``metrics`` holds ``test_error``,
+        ``val_error`` (when ``validation_fraction > 0``), ``expected_kept_fraction``,
+        ``kept_units``, ``architecture``, losses and timings. Exceptions it raises (e.g.
+        ``optuna.TrialPruned``) propagate to the caller; the checkpoint stays valid.
+    module : nn.Module, optional
+        Your own network instead of ``config.model`` (which then only labels the run).
+        Without L0 layers it is converted by :func:`~.models.to_l0` (gates on the inputs
+        of every Linear and the output channels of every Conv2d, weights copied); with
+        L0 layers it is used as it is. It is copied, never modified. The dense baseline
+        is the same network without gates, starting from the same weights.
+    data : DatasetSplits or (TensorDataset, TensorDataset), optional
+        Your own ``(train, test)`` data instead of ``config.dataset``: float inputs and
+        int64 class labels ``0 .. C-1``.
+
+    Returns
+    -------
+    dict
+        The summary also written to ``OUT/summary.json``: ``test_error``, ``val_error``
+        (if any), ``dense_test_error`` (if ``baseline="dense"``), ``architecture`` (kept
+        units per gated layer, e.g. ``"20-25-45-462"``), ``dense_architecture``,
+        ``kept_units``, ``total_units``, ``params_kept_fraction``,
+        ``flops_kept_fraction``, ``expected_kept_fraction``, ``estimator``, ``lambda``,
+        ``parameterization``, ``k``, ``model``, ``dataset``, ``epochs``, ``seed``,
+        ``data_seed``, ``versions``, ``device``, ``wall_time_s``, ``out`` and the config.
+
+    Raises
+    ------
+    ConfigError
+        Invalid settings, missing data, or a checkpoint that does not match the settings.
+    TrainingDivergedError
+        The loss became NaN/inf; the last good checkpoint is intact.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig; got {type(config).__name__}")
+    if module is not None and not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module; got {type(module).__name__}")
+    config = dataclasses.replace(config)
+    config.validate(custom_model=module is not None, custom_data=data is not None)
+    if isinstance(config.lam, Mapping):
+        config.lam = {str(k): float(v) for k, v in config.lam.items()}
+    else:
+        config.lam = float(config.lam)
+    device = _resolve_device(config.device, config.amp)
+    out = Path(config.out).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create output folder {out}: {exc.strerror or exc}") from None
+    old_threads = torch.get_num_threads()
+    if config.num_threads is not None:
+        torch.set_num_threads(int(config.num_threads))
+    t_start = time.perf_counter()
+    try:
+        return _train(config, device, out, epoch_callback, t_start, dense_only=_dense_only,
+                      user_module=module, user_data=data)
+    finally:
+        if config.num_threads is not None:
+            torch.set_num_threads(old_threads)
+
+
+def train_dense(config: TrainConfig, *,
+                epoch_callback: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    """Train only the dense (ungated) twin of ``config.model`` with the same budget.
+
+    Writes ``OUT/metrics.jsonl``, ``OUT/checkpoint.pt`` (resumable like :func:`train`),
+    ``OUT/summary.json`` and ``OUT/summary.png``. The gate settings (``estimator``,
+    ``lam``, ...) are ignored; the summary reports ``estimator="dense"``,
+    ``params_kept_fraction = flops_kept_fraction = 1`` and
+    ``test_error == dense_test_error``. Used by the benchmark to train one dense baseline
+    per seed rather than one per gated run.
+    """
+    return train(config, epoch_callback=epoch_callback, _dense_only=True)
+
+
+def _make_net(config: TrainConfig, module: nn.Module, num_train: int, gated: bool,
+              device: torch.device) -> tuple[GatedNetwork, torch.Generator | None]:
+    module = module.to(device)
+    if gated:
+        gen = torch.Generator(device=device).manual_seed(config.seed)
+        estimator = binopt.get_estimator(config.estimator, generator=gen, validate_args=False,
+                                         **dict(config.estimator_options))
+        lam: Any = config.lam
+    else:
+        gen, estimator, lam = None, binopt.get_estimator("arm", validate_args=False), 0.0
+    try:
+        net = GatedNetwork(module, estimator, lam=lam, num_train=num_train)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if gated:
+        if not net.gated_layers():
+            raise ConfigError(f"model {config.model!r} has no gated layers")
+        if isinstance(estimator, binopt.Exact):
+            total = sum(layer.gate.num_units for layer in net.gated_layers().values())
+            if total > estimator.max_dim:
+                raise ConfigError(
+                    f"the exact estimator enumerates 2^{total} gate states; it works only up "
+                    f"to {estimator.max_dim} gates. Choose arm, disarm or hard_concrete"
+                )
+    return net, gen
+
+
+def _train(config: TrainConfig, device: torch.device, out: Path,
+           epoch_callback, t_start: float, dense_only: bool = False,
+           user_module: nn.Module | None = None, user_data: Any = None) -> dict[str, Any]:
+    train_ds, val_ds, test_ds, input_shape, num_classes = _load_data(config, user_data)
+    num_train = len(train_ds)
+    data = (_to_device(train_ds, device), _to_device(val_ds, device), _to_device(test_ds, device))
+    printer = _Printer(bool(config.progress))
+    if not config.resume:  # never leave the summary of an earlier run next to a new one
+        (out / SUMMARY_NAME).unlink(missing_ok=True)
+
+    module = _build_module(config, input_shape, num_classes, gated=True, user_module=user_module)
+    net, est_gen = _make_net(config, module, num_train, True, device)
+    history: list[dict] = []
+    train_time = 0.0
+    if not dense_only:
+        history, train_time = _run_phase(_Phase("l0", net, out, est_gen), config, data, device,
+                                         printer, epoch_callback)
+
+    dense_module = _build_module(config, input_shape, num_classes, gated=False,
+                                 user_module=user_module).to(device)
+    dense_history: list[dict] = []
+    dense_time = 0.0
+    if config.baseline == "dense" or dense_only:
+        dense_net, _ = _make_net(config, dense_module, num_train, False, device)
+        dense_history, dense_time = _run_phase(
+            _Phase("dense", dense_net, out if dense_only else out / "dense", None),
+            config, data, device, printer, epoch_callback if dense_only else None)
+        dense_module = dense_net.module
+    if dense_only:
+        return _dense_summary(config, net, dense_history, dense_time, dense_module, input_shape,
+                              num_train, val_ds, test_ds, device, out, t_start)
+
+    last = history[-1]
+    kept = net.kept_units()
+    total_units = {name: layer.gate.num_units for name, layer in net.gated_layers().items()}
+    summary: dict[str, Any] = {
+        "test_error": last["test_error"],
+    }
+    if "val_error" in last:
+        summary["val_error"] = last["val_error"]
+    if dense_history:
+        summary["dense_test_error"] = dense_history[-1]["test_error"]
+        if "val_error" in dense_history[-1]:
+            summary["dense_val_error"] = dense_history[-1]["val_error"]
+        summary["dense_train_time_s"] = dense_time
+    summary.update(
+        architecture=_architecture(kept),
+        dense_architecture=_architecture(total_units),
+        kept_units=kept,
+        total_units=total_units,
+    )
+    summary.update(_compression(net, dense_module, input_shape, device, out))
+    summary.update(
+        expected_kept_fraction=net.expected_kept_fraction(),
+        gated_weights_kept_fraction=_gated_weights_kept(net),
+        estimator=config.estimator,
+        estimator_options=_jsonable(dict(config.estimator_options)),
+        **{"lambda": config.lam},
+        parameterization=config.effective_parameterization,
+        k=float(config.k),
+        init_drop_rate=config.init_drop_rate,
+        lr=float(config.lr),
+        gate_lr=float(config.lr if config.gate_lr is None else config.gate_lr),
+        model=config.model,
+        dataset=config.dataset,
+        num_train=num_train,
+        num_val=len(val_ds) if val_ds is not None else 0,
+        num_test=len(test_ds),
+        epochs=config.epochs,
+        seed=config.seed,
+        data_seed=config.data_seed,
+        versions=_versions(),
+        device=str(device),
+        amp=bool(config.amp),
+        train_time_s=train_time,
+        wall_time_s=time.perf_counter() - t_start,
+        out=str(out),
+        config=config.to_dict(),
+    )
+    summary = _jsonable(summary)
+    _write_summary(summary, out)
+    try:
+        from .results import plot_run
+
+        plot_run(history, dense_history, kept, total_units, out / PLOT_NAME,
+                 title=f"{config.model} on {config.dataset}: {config.estimator}, "
+                       f"lam={config.lam}")
+    except Exception as exc:  # a plotting problem must not lose the run
+        warnings.warn(f"could not write {out / PLOT_NAME}: {exc}", RuntimeWarning, stacklevel=2)
+    return summary
+
+
+def _dense_summary(config, gated_net, history, train_time, dense_module, input_shape, num_train,
+                   val_ds, test_ds, device, out, t_start) -> dict[str, Any]:
+    from .flops import count_flops, count_params
+
+    last = history[-1]
+    total_units = {n: layer.gate.num_units for n, layer in gated_net.gated_layers().items()}
+    params = count_params(dense_module)
+    flops = count_flops(dense_module, tuple(input_shape))
+    summary: dict[str, Any] = {"test_error": last["test_error"]}
+    if "val_error" in last:
+        summary["val_error"] = last["val_error"]
+    summary.update(
+        dense_test_error=last["test_error"],
+        architecture=_architecture(total_units),
+        dense_architecture=_architecture(total_units),
+        kept_units=total_units,
+        total_units=total_units,
+        params_kept=params, params_dense=params, flops_kept=flops, flops_dense=flops,
+        params_kept_fraction=1.0, flops_kept_fraction=1.0, compression_method="dense",
+        expected_kept_fraction=1.0,
+        estimator="dense",
+        **{"lambda": 0.0},
+        model=config.model,
+        dataset=config.dataset,
+        num_train=num_train,
+        num_val=len(val_ds) if val_ds is not None else 0,
+        num_test=len(test_ds),
+        epochs=config.epochs,
+        seed=config.seed,
+        data_seed=config.data_seed,
+        versions=_versions(),
+        device=str(device),
+        amp=bool(config.amp),
+        train_time_s=train_time,
+        wall_time_s=time.perf_counter() - t_start,
+        out=str(out),
+        config=config.to_dict(),
+    )
+    summary = _jsonable(summary)
+    _write_summary(summary, out)
+    try:
+        from .results import plot_run
+
+        plot_run([], history, total_units, total_units, out / PLOT_NAME,
+                 title=f"dense {config.model} on {config.dataset}")
+    except Exception as exc:  # a plotting problem must not lose the run
+        warnings.warn(f"could not write {out / PLOT_NAME}: {exc}", RuntimeWarning, stacklevel=2)
+    return summary
+
+
+def _write_summary(summary: dict[str, Any], out: Path) -> None:
+    tmp = out / f".{SUMMARY_NAME}.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out / SUMMARY_NAME)

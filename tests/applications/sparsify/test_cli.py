@@ -1,0 +1,136 @@
+"""``binopt sparsify``: one clear error line and exit code 2 for user mistakes, never a
+traceback; a diverged run exits non-zero with one line and leaves its checkpoint intact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from applications.cli import main
+from applications.sparsify import train as train_mod
+from applications.sparsify.cli import parse_lam
+from applications.sparsify.train import load_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _args(tmp_path, *extra: str) -> list[str]:
+    return [
+        "sparsify", "--limit", "100", "--epochs", "1", "--batch-size", "50",
+        "--model-options", '{"hidden": [12, 8]}', "--no-progress", "--out",
+        str(tmp_path / "run"), "--device", "cpu", *extra,
+    ]
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("binopt: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_cli_trains_and_prints_a_summary(tmp_path, capsys):
+    code = main(_args(tmp_path, "--baseline", "dense", "--lam", "0.05", "--threads", "1"))
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "architecture    784-12-8 ->" in out
+    assert "weights kept" in out and "test error" in out and "dense baseline" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["lambda"] == 0.05 and "dense_test_error" in summary
+    assert summary["config"]["num_threads"] == 1
+
+
+def test_cli_json_output_and_per_layer_lambda(tmp_path, capsys):
+    code = main(_args(tmp_path, "--lam", "1=0.1,3=0.0", "--json", "--estimator", "hc"))
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["lambda"] == {"1": 0.1, "3": 0.0}
+    assert summary["parameterization"] == "sigmoid"
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--model", "resnet"], "unknown model 'resnet'; choose one of mlp, lenet5, wrn"),
+        (["--dataset", "imagenet"], "unknown dataset 'imagenet'; choose one of"),
+        (["--estimator", "magic"], "unknown estimator 'magic'; choose one of"),
+        (["--lam", "-0.5"], "lam must be >= 0"),
+        (["--lam", "abc"], "--lam must be a number"),
+        (["--lam", "1=x"], "--lam value"),
+        (["--lam", "nan"], "lam must be finite"),
+        (["--lam", "7=0.1"], "unknown gated layers"),
+        (["--epochs", "0"], "epochs must be >= 1"),
+        (["--init-drop-rate", "0"], "init_drop_rate must be in (0, 1)"),
+        (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"],
+         "device"),
+        (["--optimizer", "rmsprop"], "unknown optimizer"),
+        (["--model-options", "[1]"], "--model-options must be a JSON object"),
+        (["--model-options", "{bad"], "--model-options must be a JSON object"),
+        (["--model-options", '{"hidden": 5}'], "hidden"),
+        (["--amp", "--device", "cpu"], "amp"),
+    ],
+)
+def test_cli_user_errors_are_one_line(tmp_path, capsys, extra, needle):
+    code = main(_args(tmp_path, *extra))
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert needle in line, line
+
+
+def test_cli_missing_data_folder(tmp_path, capsys):
+    code = main(_args(tmp_path, "--dataset", "mnist", "--data-root", str(tmp_path / "none")))
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert "train-images-idx3-ubyte" in line or "MNIST" in line
+
+
+def test_cli_nan_loss_exits_nonzero_with_checkpoint_intact(tmp_path, capsys, monkeypatch):
+    original = train_mod.GatedNetwork.objective
+    count = {"n": 0}
+
+    def objective(self, x, y, *args, **kwargs):
+        out = original(self, x, y, *args, **kwargs)
+        count["n"] += 1
+        if count["n"] > 2:  # 2 steps per epoch: diverges in epoch 2
+            out.loss = out.loss + float("inf")
+        return out
+
+    monkeypatch.setattr(train_mod.GatedNetwork, "objective", objective)
+    code = main(_args(tmp_path, "--epochs", "3"))
+    assert code == 1
+    line = _one_error_line(capsys)
+    assert "diverged" in line and "epoch 2" in line and "checkpoint.pt" in line
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+
+
+def test_cli_resume(tmp_path, capsys):
+    assert main(_args(tmp_path)) == 0
+    assert main(_args(tmp_path, "--epochs", "2", "--resume")) == 0
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 2
+    assert main(_args(tmp_path, "--epochs", "3", "--resume", "--lam", "0.3")) == 2
+    assert "cannot resume" in _one_error_line(capsys)
+
+
+def test_parse_lam():
+    assert parse_lam("0.1") == 0.1
+    assert parse_lam(" 1=0.1, 3=0.2 ") == {"1": 0.1, "3": 0.2}
+
+
+def test_sparsify_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["sparsify", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--model", "--estimator", "--lam", "--baseline", "--resume", "--amp",
+                 "--validation-fraction", "--limit", "--no-progress"):
+        assert flag in out

@@ -1,0 +1,305 @@
+"""The training API: outputs, checkpoint/resume equivalence, divergence, callbacks, checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from applications.errors import UserError
+from applications.sparsify import train as train_mod
+from applications.sparsify.train import (
+    ConfigError,
+    TrainConfig,
+    TrainingDivergedError,
+    load_checkpoint,
+    train,
+)
+
+SUMMARY_KEYS = {
+    "test_error", "architecture", "kept_units", "params_kept_fraction", "flops_kept_fraction",
+    "expected_kept_fraction", "estimator", "lambda", "parameterization", "k", "model",
+    "dataset", "epochs", "seed", "versions", "device", "wall_time_s", "out",
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny(tmp_path, name="run", **overrides) -> TrainConfig:
+    base = dict(
+        model="mlp", dataset="mnist5k", limit=200, epochs=2, batch_size=50, lam=0.05,
+        model_options={"hidden": [20, 10]}, progress=False, out=str(tmp_path / name),
+        device="cpu",
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def test_train_writes_every_output(tmp_path):
+    seen = []
+    config = tiny(tmp_path, baseline="dense", validation_fraction=0.25)
+    summary = train(config, epoch_callback=lambda e, m: seen.append((e, m)))
+    out = tmp_path / "run"
+    assert SUMMARY_KEYS | {"val_error", "dense_test_error"} <= set(summary)
+    assert summary["versions"].keys() == {"binopt", "torch", "python"}
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert (out / "summary.png").stat().st_size > 1000
+    assert (out / "checkpoint.pt").exists() and (out / "dense" / "checkpoint.pt").exists()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert len((out / "dense" / "metrics.jsonl").read_text().splitlines()) == 2
+    # the callback sees every epoch with the tuning metrics
+    assert [e for e, _ in seen] == [1, 2]
+    assert {"val_error", "test_error", "expected_kept_fraction", "architecture"} <= set(seen[0][1])
+    # architecture: kept units per gated layer in network order, the papers' notation
+    assert summary["dense_architecture"] == "784-20-10"
+    kept = summary["kept_units"]
+    assert summary["architecture"] == "-".join(str(v) for v in kept.values())
+    assert all(0 <= kept[n] <= summary["total_units"][n] for n in kept)
+    assert 0.0 <= summary["params_kept_fraction"] <= 1.0
+    assert 0.0 <= summary["flops_kept_fraction"] <= 1.0
+    assert summary["num_train"] == 150 and summary["num_val"] == 50
+    assert 0.0 <= summary["test_error"] <= 1.0 and 0.0 <= summary["dense_test_error"] <= 1.0
+
+
+def _strip_times(rows):
+    return [{k: v for k, v in r.items() if not k.endswith("time_s")} for r in rows]
+
+
+@pytest.mark.parametrize("estimator", ["arm", "hard_concrete"])
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, estimator):
+    full = train(tiny(tmp_path, "full", estimator=estimator))
+    first = train(tiny(tmp_path, "split", estimator=estimator, epochs=1))
+    assert load_checkpoint(tmp_path / "split" / "checkpoint.pt")["epoch"] == 1
+    resumed = train(tiny(tmp_path, "split", estimator=estimator, epochs=2, resume=True))
+    assert first["epochs"] == 1
+    for key in ("test_error", "kept_units", "architecture", "expected_kept_fraction",
+                "params_kept_fraction"):
+        assert resumed[key] == full[key], key
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert _strip_times(a["history"]) == _strip_times(b["history"])
+    assert torch.equal(a["rng"]["estimator"], b["rng"]["estimator"])
+
+
+def test_resume_with_dense_baseline(tmp_path):
+    full = train(tiny(tmp_path, "full", baseline="dense"))
+    train(tiny(tmp_path, "split", baseline="dense", epochs=1))
+    resumed = train(tiny(tmp_path, "split", baseline="dense", epochs=2, resume=True))
+    assert resumed["dense_test_error"] == full["dense_test_error"]
+    assert resumed["test_error"] == full["test_error"]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    train(tiny(tmp_path, epochs=1))
+    with pytest.raises(ConfigError, match="other settings.*lam"):
+        train(tiny(tmp_path, epochs=2, lam=0.2, resume=True))
+
+
+def test_resume_without_checkpoint_starts_afresh(tmp_path):
+    summary = train(tiny(tmp_path, epochs=1, resume=True))
+    assert summary["epochs"] == 1
+
+
+def test_callback_exception_propagates_after_the_checkpoint(tmp_path):
+    class Stop(Exception):
+        pass
+
+    def cb(epoch, metrics):
+        raise Stop(epoch)
+
+    with pytest.raises(Stop):
+        train(tiny(tmp_path), epoch_callback=cb)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["epoch"] == 1
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def _nan_after(monkeypatch, calls: int) -> None:
+    original = train_mod.GatedNetwork.objective
+    count = {"n": 0}
+
+    def objective(self, x, y, *args, **kwargs):
+        out = original(self, x, y, *args, **kwargs)
+        count["n"] += 1
+        if count["n"] > calls:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(train_mod.GatedNetwork, "objective", objective)
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    config = tiny(tmp_path, epochs=3)
+    steps_per_epoch = math.ceil(200 / 50)
+    _nan_after(monkeypatch, steps_per_epoch + 1)  # diverges at epoch 2, step 2
+    path = tmp_path / "run" / "checkpoint.pt"
+    with pytest.raises(TrainingDivergedError) as info:
+        train(config)
+    message = str(info.value)
+    assert "diverged" in message and "epoch 2" in message and "step 2" in message
+    assert str(path) in message and "\n" not in message
+    assert (info.value.epoch, info.value.step, info.value.checkpoint) == (2, 2, str(path))
+    ckpt = load_checkpoint(path)  # intact and loadable
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert not list(path.parent.glob(".*tmp"))
+
+
+def test_nan_in_the_first_epoch_says_there_is_no_checkpoint(tmp_path, monkeypatch):
+    _nan_after(monkeypatch, 0)
+    with pytest.raises(TrainingDivergedError, match="no checkpoint") as info:
+        train(tiny(tmp_path))
+    assert info.value.checkpoint is None
+
+
+def test_hard_concrete_parameterization_and_log_a_clamp(tmp_path):
+    summary = train(tiny(tmp_path, estimator="hard_concrete", parameterization="scaled_sigmoid",
+                         lam=5.0, epochs=2))
+    assert summary["parameterization"] == "sigmoid"
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    phis = [v for k, v in ckpt["model"].items() if k.endswith("phi")]
+    lo, hi = math.log(1e-2), math.log(1e2)
+    assert all(((p >= lo - 1e-6) & (p <= hi + 1e-6)).all() for p in phis)
+
+
+def test_per_layer_lambda(tmp_path):
+    summary = train(tiny(tmp_path, lam={"1": 0.0, "3": 1.0}, epochs=1))
+    assert summary["lambda"] == {"1": 0.0, "3": 1.0}
+    with pytest.raises(ConfigError, match="unknown gated layers"):
+        train(tiny(tmp_path, lam={"9": 0.1}, epochs=1))
+
+
+def test_lenet5_and_sgd_one_epoch(tmp_path):
+    summary = train(tiny(tmp_path, model="lenet5", model_options={}, limit=60, epochs=1,
+                         optimizer="sgd", lr=0.01, lr_schedule="cosine"))
+    assert summary["dense_architecture"] == "20-50-800-500"
+    assert len(summary["kept_units"]) == 4
+
+
+def test_same_seed_same_result_other_seed_differs(tmp_path):
+    a = train(tiny(tmp_path, "a", epochs=1))
+    b = train(tiny(tmp_path, "b", epochs=1))
+    c = train(tiny(tmp_path, "c", epochs=1, seed=1))
+    assert a["expected_kept_fraction"] == b["expected_kept_fraction"]
+    assert a["expected_kept_fraction"] != c["expected_kept_fraction"]
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"model": "resnet"}, "unknown model 'resnet'; choose one of mlp, lenet5, wrn"),
+        ({"dataset": "imagenet"}, "unknown dataset 'imagenet'; choose one of .*mnist5k"),
+        ({"estimator": "magic"}, "unknown estimator 'magic'; choose one of .*arm"),
+        ({"lam": -0.1}, "lam must be >= 0"),
+        ({"lam": {"1": -1.0}}, "lam must be >= 0"),
+        ({"lam": float("nan")}, "lam must be finite"),
+        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"init_drop_rate": 1.5}, "init_drop_rate must be in"),
+        ({"optimizer": "rmsprop"}, "unknown optimizer"),
+        ({"validation_fraction": 1.0}, "validation_fraction"),
+        ({"device": "tpu"}, "device"),
+        ({"amp": True}, "amp"),
+        ({"parameterization": "tanh"}, "unknown parameterization"),
+        ({"baseline": "random"}, "unknown baseline"),
+    ],
+)
+def test_bad_settings_raise_config_error(tmp_path, overrides, match):
+    config = tiny(tmp_path, **overrides)
+    with pytest.raises(ConfigError, match=match) as info:
+        train(config)
+    assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_folder_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="t10k|train-images|MNIST"):
+        train(tiny(tmp_path, dataset="mnist", data_root=str(tmp_path / "nowhere")))
+
+
+def test_config_round_trip():
+    config = TrainConfig(lam={"1": 0.1}, model_options={"hidden": [5]})
+    assert TrainConfig.from_dict(config.to_dict()) == dataclasses.replace(config)
+    with pytest.raises(ConfigError, match="unknown training setting"):
+        TrainConfig.from_dict({"lamda": 0.1})
+
+
+def _toy_data(n_train=120, n_test=60, features=6):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n_train + n_test, features, generator=gen)
+    y = (x[:, 0] > 0).long()
+    return (torch.utils.data.TensorDataset(x[:n_train], y[:n_train]),
+            torch.utils.data.TensorDataset(x[n_train:], y[n_train:]))
+
+
+def test_own_module_and_data(tmp_path):
+    from torch import nn
+
+    torch.manual_seed(0)
+    mine = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    before = [p.detach().clone() for p in mine.parameters()]
+    summary = train(tiny(tmp_path, model="mine", dataset="toy", model_options={}, limit=None,
+                         baseline="dense", batch_size=40, lam=0.5),
+                    module=mine, data=_toy_data())
+    assert all(torch.equal(a, b) for a, b in zip(before, mine.parameters()))  # not modified
+    assert summary["dense_architecture"] == "6-8"
+    assert summary["model"] == "mine" and summary["num_train"] == 120
+    assert "dense_test_error" in summary
+    with pytest.raises(ConfigError, match="TensorDataset"):
+        train(tiny(tmp_path, dataset="toy"), module=mine, data=(1, 2))
+
+
+def test_train_dense_only(tmp_path):
+    summary = train_mod.train_dense(tiny(tmp_path, epochs=1))
+    assert summary["estimator"] == "dense"
+    assert summary["params_kept_fraction"] == 1.0
+    assert summary["test_error"] == summary["dense_test_error"]
+    assert summary["architecture"] == summary["dense_architecture"] == "784-20-10"
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["phase"] == "dense"
+
+
+def test_params_fallback_without_export_module(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "applications.sparsify.export", None)
+    summary = train(tiny(tmp_path, epochs=1))
+    assert summary["compression_method"] == "estimate"
+    assert 0.0 < summary["params_kept_fraction"] <= 1.0
+
+
+def test_export_failure_falls_back_with_a_warning(tmp_path, monkeypatch):
+    pytest.importorskip("applications.sparsify.export")
+    from applications.sparsify import export as export_mod
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(export_mod, "export", broken)
+    with pytest.warns(RuntimeWarning, match="boom"):
+        summary = train(tiny(tmp_path, epochs=1))
+    assert summary["compression_method"] == "estimate"
+    assert "boom" in summary["export_error"]
+
+
+def test_export_is_written_and_reloads(tmp_path):
+    pytest.importorskip("applications.sparsify.export")
+    from applications.sparsify.export import load_exported
+
+    summary = train(tiny(tmp_path, epochs=1, lam=0.01))
+    assert summary["compression_method"] == "export"
+    small = load_exported(tmp_path / "run" / "exported")
+    assert small(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
