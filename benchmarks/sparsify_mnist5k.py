@@ -291,6 +291,7 @@ def markdown(payload: dict[str, Any]) -> str:
 
 def plot(payload: dict[str, Any], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -324,6 +325,10 @@ def plot(payload: dict[str, Any], path: Path) -> None:
         ax.axvline(100 * TARGET_KEPT.get(model, 0.1), color="tab:green", linestyle=":",
                    label="weights target")
         ax.set_xscale("log")
+        fmt = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        ax.xaxis.set_major_formatter(fmt)
+        ax.xaxis.set_minor_formatter(fmt)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel("weights kept (%) of the exported network")
         ax.set_ylabel("test error (%)")
         ax.set_title(MODEL_NAMES.get(model, model))
@@ -342,7 +347,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="parallel runs (1 thread each)")
     p.add_argument("--runs", default=None, help="folder for the individual runs")
     p.add_argument("--results", default=str(RESULTS), help="folder for the result files")
+    p.add_argument("--replot", action="store_true",
+                   help="only re-render the .md and .png from the existing .json")
     args = p.parse_args(argv)
+    if args.replot:
+        tag = "sparsify_mnist5k" + ("_quick" if args.quick else "")
+        results = Path(args.results)
+        payload = json.loads((results / f"{tag}.json").read_text())
+        payload["verdicts"] = verdicts(payload["rows"])
+        (results / f"{tag}.json").write_text(json.dumps(payload, indent=2) + "\n")
+        (results / f"{tag}.md").write_text(markdown(payload))
+        plot(payload, results / f"{tag}.png")
+        print(markdown(payload))
+        return 0
 
     settings = QUICK if args.quick else FULL
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])

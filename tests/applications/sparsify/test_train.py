@@ -303,3 +303,18 @@ def test_export_is_written_and_reloads(tmp_path):
     assert summary["compression_method"] == "export"
     small = load_exported(tmp_path / "run" / "exported")
     assert small(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_tutorial_code_runs(tmp_path, monkeypatch):
+    """Every python block of docs/sparsify/tutorial.md, in order, in one namespace."""
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[3] / "docs" / "sparsify" / "tutorial.md"
+    blocks = re.findall(r"^```python\n(.*?)^```", page.read_text(), re.S | re.M)
+    assert len(blocks) >= 4
+    monkeypatch.chdir(tmp_path)  # the examples write runs/ in the current folder
+    namespace: dict = {"__name__": "docs_tutorial"}
+    for k, code in enumerate(blocks):
+        exec(compile(code, f"{page}:block{k}", "exec"), namespace)
+    torch.set_num_threads(1)  # the tutorial sets threads itself; keep the fixture's value
