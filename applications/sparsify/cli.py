@@ -115,6 +115,9 @@ def register(subparsers, name: str = "sparsify", help_text: str = "") -> argpars
                    help="use at most this many training and test examples")
     p.add_argument("--model-options", default=None, metavar="JSON",
                    help='extra model arguments, e.g. \'{"hidden": [100, 50]}\'')
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel training (DDP) over the processes torchrun started; "
+                        "automatic when WORLD_SIZE > 1; --batch-size is the global batch")
     p.add_argument("--no-progress", action="store_true", help="print nothing while training")
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
     p.set_defaults(func=run)
@@ -145,6 +148,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         batch_size=args.batch_size,
         lr=lr,
         gate_lr=args.gate_lr,
+        distributed=bool(args.distributed),
         optimizer=optimizer,
         lr_schedule=args.lr_schedule,
         weight_decay=args.weight_decay,

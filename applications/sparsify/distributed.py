@@ -64,7 +64,9 @@ def init_distributed(device_type: str) -> DistributedContext:
     Uses NCCL on CUDA and gloo on CPU; ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
     ``MASTER_ADDR`` and ``MASTER_PORT`` come from ``torchrun``.
     """
-    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    missing = [
+        k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ
+    ]
     if missing:
         raise RuntimeError(
             "distributed training needs the launcher's environment variables "
@@ -98,8 +100,9 @@ class ShardedBatchSampler(torch.utils.data.Sampler[list[int]]):
     Call :meth:`set_epoch` before each epoch.
     """
 
-    def __init__(self, num_examples: int, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1) -> None:
+    def __init__(
+        self, num_examples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         if batch_size < world_size:
             raise ValueError(
                 f"the global batch size ({batch_size}) must be at least the number of "
@@ -160,8 +163,11 @@ class ObjectiveStep(nn.Module):
         if scale == 1.0:
             out = self.net.objective(x, y)
         else:
+
             def scaled_loss(outputs, targets, reduction="none"):
-                return torch.nn.functional.cross_entropy(outputs, targets, reduction=reduction) * scale
+                return (
+                    torch.nn.functional.cross_entropy(outputs, targets, reduction=reduction) * scale
+                )
 
             out = self.net.objective(x, y, loss_fn=scaled_loss)
         return out

@@ -220,7 +220,9 @@ def build_model(name: str, *, input_shape: Sequence[int], num_classes: int, gate
         return mlp((n_in, *hidden, num_classes), gated=gated, **options)
     if key in ("lenet5", "lenet5_caffe", "lenet"):
         if len(input_shape) != 3 or input_shape[1] != input_shape[2]:
-            raise ValueError(f"lenet5 needs square image inputs (C, H, W); got {tuple(input_shape)}")
+            raise ValueError(
+                f"lenet5 needs square image inputs (C, H, W); got {tuple(input_shape)}"
+            )
         return lenet5_caffe(input_shape[0], num_classes, input_shape[1], gated=gated, **options)
     if key in ("wrn", "wide_resnet", "wideresnet"):
         if len(input_shape) != 3:

@@ -55,11 +55,19 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 import binopt
 from applications.errors import UserError
 
+from .distributed import (
+    DistributedContext,
+    ShardedBatchSampler,
+    env_requests_distributed,
+    init_distributed,
+    shutdown,
+    wrap_ddp,
+)
 from .network import GatedNetwork
 
 __all__ = [
@@ -77,7 +85,9 @@ CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "summary.json"
 PLOT_NAME = "summary.png"
-_CHECKPOINT_FORMAT = 1
+_CHECKPOINT_FORMAT = 2
+# The process's place in a data-parallel run; set by train() (rank 0 of 1 otherwise).
+_CTX = DistributedContext()
 
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "step")
@@ -163,6 +173,12 @@ class TrainConfig:
         ``"auto"`` (``cuda`` when present, else ``cpu``), ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
     amp : bool
         Mixed precision (bfloat16 autocast, or float16 with loss scaling), CUDA only.
+    distributed : bool
+        Data-parallel training with DistributedDataParallel across the processes that
+        ``torchrun`` started (also switched on automatically when ``WORLD_SIZE > 1``):
+        gloo on CPU, NCCL on CUDA. ``batch_size`` is the GLOBAL batch, so a run gives the
+        same result, up to rounding, with any number of processes (see
+        :mod:`.distributed`). Only rank 0 writes files.
     num_threads : int or None
         ``torch.set_num_threads`` for this run on CPU (restored afterwards). Small models on
         a busy machine often run much faster with 1.
@@ -215,6 +231,7 @@ class TrainConfig:
     gate_lr: float | None = None
     data_seed: int = 0
     num_threads: int | None = None
+    distributed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of the settings."""
@@ -553,11 +570,15 @@ def _make_scheduler(config: TrainConfig, opt: torch.optim.Optimizer):
     return None
 
 
-def _loader(ds: TensorDataset, batch_size: int, generator: torch.Generator) -> DataLoader:
-    # A batch sampler as the sampler: each step indexes the tensors once (no per-example
-    # collation), and all shuffling randomness comes from `generator`.
-    sampler = BatchSampler(RandomSampler(ds, generator=generator), batch_size, drop_last=False)
-    return DataLoader(ds, sampler=sampler, batch_size=None, generator=generator)
+def _loader(
+    ds: TensorDataset, batch_size: int, seed: int
+) -> tuple[DataLoader, ShardedBatchSampler]:
+    # The sampler yields this rank's shard of each global batch as a list of indices, and a
+    # TensorDataset indexes its tensors once per step with it (no per-example collation).
+    # The permutation depends only on (seed, epoch): resuming needs no loader state, and
+    # every number of processes sees the same global batches.
+    sampler = ShardedBatchSampler(len(ds), batch_size, seed, _CTX.rank, _CTX.world_size)
+    return DataLoader(ds, sampler=sampler, batch_size=None), sampler
 
 
 def _to_device(ds: TensorDataset | None, device: torch.device) -> TensorDataset | None:
@@ -611,7 +632,8 @@ def evaluate(net: nn.Module, dataset: TensorDataset, device: torch.device | str 
 def _fingerprint(config: TrainConfig) -> dict[str, Any]:
     """Settings that determine the training trajectory (must match to resume)."""
     d = config.to_dict()
-    for key in ("epochs", "out", "resume", "progress", "device", "num_threads", "baseline"):
+    for key in ("epochs", "out", "resume", "progress", "device", "num_threads", "baseline",
+                "distributed"):
         d.pop(key, None)
     if _norm(config.lr_schedule) != "constant":  # the schedule depends on the epoch count
         d["epochs"] = config.epochs
@@ -705,7 +727,6 @@ def _run_phase(
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if amp_dtype == torch.float16:
             scaler = torch.amp.GradScaler("cuda")
-    loader_gen = torch.Generator().manual_seed(config.seed)
     est_gen = phase.estimator_generator
     is_hc = isinstance(net.estimator, binopt.HardConcrete) and bool(net.gated_layers())
     fingerprint = _fingerprint(config)
@@ -746,7 +767,6 @@ def _run_phase(
         if rng.get("cuda") is not None and torch.cuda.is_available():
             with contextlib.suppress(RuntimeError, IndexError):
                 torch.cuda.set_rng_state_all(rng["cuda"])
-        loader_gen.set_state(rng["loader"])
         if est_gen is not None and rng.get("estimator") is not None:
             est_gen.set_state(rng["estimator"])
         history = list(ckpt["history"])
@@ -757,19 +777,25 @@ def _run_phase(
         if config.resume:
             printer.line(f"[{phase.name}] no checkpoint in {folder}; starting from scratch")
         # a fresh run must not leave a stale checkpoint of an earlier run behind
-        ckpt_path.unlink(missing_ok=True)
+        if _CTX.is_main:
+            ckpt_path.unlink(missing_ok=True)
     # metrics.jsonl always mirrors the checkpoint's history (lines written after the last
     # checkpoint by an interrupted run are dropped).
-    with open(metrics_path, "w", encoding="utf-8") as fh:
-        for row in history:
-            fh.write(json.dumps(row) + "\n")
+    if _CTX.is_main:
+        with open(metrics_path, "w", encoding="utf-8") as fh:
+            for row in history:
+                fh.write(json.dumps(row) + "\n")
+    _CTX.barrier()
 
-    loader = _loader(train_ds, config.batch_size, loader_gen)
+    loader, sampler = _loader(train_ds, config.batch_size, config.seed)
     steps_per_epoch = len(loader)
+    step_fn = wrap_ddp(net, _CTX, device)
     label = "L0" if phase.name == "l0" else "dense"
     for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.perf_counter()
         net.train()
+        sampler.set_epoch(epoch)
+        global_sizes = [len(b) for b in sampler.global_batches()]
         sums = {"loss": 0.0, "data_loss": 0.0, "penalty": 0.0}
         wrong = seen = 0
         bar = None
@@ -786,8 +812,11 @@ def _run_phase(
                 y = y.to(device, non_blocking=True)
                 ctx = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                        else contextlib.nullcontext())
+                # Each rank's data loss is scaled so that DDP's mean over ranks is the loss
+                # of the global batch, even when it does not split evenly.
+                scale = y.shape[0] * _CTX.world_size / global_sizes[step - 1]
                 with ctx:
-                    out = net.objective(x, y)
+                    out = step_fn(x, y, scale)
                 loss_value = float(out.loss.detach())
                 if not math.isfinite(loss_value):
                     where = (f"the last good checkpoint {ckpt_path} (after epoch {epoch - 1}) "
@@ -812,8 +841,9 @@ def _run_phase(
                         for p in net.gate_parameters():
                             p.clamp_(*_HC_LOG_A_RANGE)
                 n = int(y.shape[0])
-                sums["loss"] += loss_value * n
-                sums["data_loss"] += float(out.data_loss) * n
+                data_value = float(out.data_loss) / scale
+                sums["loss"] += (data_value + float(out.penalty)) * n
+                sums["data_loss"] += data_value * n
                 sums["penalty"] += float(out.penalty) * n
                 wrong += int((out.logits.argmax(1) != y).sum())
                 seen += n
@@ -826,6 +856,8 @@ def _run_phase(
                 bar.close()
         if scheduler is not None:
             scheduler.step()
+        if _CTX.enabled:
+            sums, wrong, seen = _all_reduce_sums(sums, wrong, seen, device)
         epoch_time = time.perf_counter() - t0
         train_time += epoch_time
         row = _epoch_metrics(net, epoch, sums, wrong, seen, val_ds, test_ds, device, amp_dtype,
@@ -845,20 +877,33 @@ def _run_phase(
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "loader": loader_gen.get_state(),
                 "estimator": est_gen.get_state() if est_gen is not None else None,
             },
             "history": history,
             "train_time_s": train_time,
             "versions": _versions(),
         }
-        _atomic_save(payload, ckpt_path)
-        with open(metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+        if _CTX.is_main:
+            _atomic_save(payload, ckpt_path)
+            with open(metrics_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+        _CTX.barrier()
         printer.line(_epoch_line(label, row, config.epochs))
-        if epoch_callback is not None:
+        if epoch_callback is not None and _CTX.is_main:
             epoch_callback(epoch, dict(row))
     return history, train_time
+
+
+def _all_reduce_sums(sums: dict[str, float], wrong: int, seen: int, device: torch.device):
+    """Epoch totals over all ranks (one all-reduce per epoch, outside the steps)."""
+    import torch.distributed as dist
+
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys] + [wrong, seen], dtype=torch.float64,
+                     device=device)
+    dist.all_reduce(t)
+    values = t.tolist()
+    return dict(zip(keys, values[: len(keys)])), int(values[-2]), int(values[-1])
 
 
 def _epoch_metrics(net, epoch, sums, wrong, seen, val_ds, test_ds, device, amp_dtype, opt,
@@ -996,7 +1041,8 @@ def _compression(net: GatedNetwork, dense: nn.Module, input_shape, device,
             params_dense = count_params(dense)
             flops = count_flops(exported.module, tuple(input_shape))
             flops_dense = count_flops(dense, tuple(input_shape))
-            save_exported(exported, folder / "exported")
+            if _CTX.is_main:
+                save_exported(exported, folder / "exported")
             result.update(
                 params_kept=int(params), params_dense=int(params_dense),
                 flops_kept=int(flops), flops_dense=int(flops_dense),
@@ -1079,6 +1125,16 @@ def train(config: TrainConfig, *,
     else:
         config.lam = float(config.lam)
     device = _resolve_device(config.device, config.amp)
+    global _CTX
+    ctx = DistributedContext()
+    if config.distributed or env_requests_distributed():
+        try:
+            ctx = init_distributed(device.type)
+        except RuntimeError as exc:
+            raise ConfigError(str(exc)) from None
+        config.distributed = True
+        if device.type == "cuda":
+            device = torch.device("cuda", ctx.local_rank)
     out = Path(config.out).expanduser()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -1088,12 +1144,15 @@ def train(config: TrainConfig, *,
     if config.num_threads is not None:
         torch.set_num_threads(int(config.num_threads))
     t_start = time.perf_counter()
+    previous_ctx, _CTX = _CTX, ctx
     try:
         return _train(config, device, out, epoch_callback, t_start, dense_only=_dense_only,
                       user_module=module, user_data=data)
     finally:
+        _CTX = previous_ctx
         if config.num_threads is not None:
             torch.set_num_threads(old_threads)
+        shutdown(ctx)
 
 
 def train_dense(config: TrainConfig, *,
@@ -1143,7 +1202,7 @@ def _train(config: TrainConfig, device: torch.device, out: Path,
     train_ds, val_ds, test_ds, input_shape, num_classes = _load_data(config, user_data)
     num_train = len(train_ds)
     data = (_to_device(train_ds, device), _to_device(val_ds, device), _to_device(test_ds, device))
-    printer = _Printer(bool(config.progress))
+    printer = _Printer(bool(config.progress) and _CTX.is_main)
     if not config.resume:  # never leave the summary of an earlier run next to a new one
         (out / SUMMARY_NAME).unlink(missing_ok=True)
 
@@ -1210,6 +1269,7 @@ def _train(config: TrainConfig, device: torch.device, out: Path,
         data_seed=config.data_seed,
         versions=_versions(),
         device=str(device),
+        world_size=_CTX.world_size,
         amp=bool(config.amp),
         train_time_s=train_time,
         wall_time_s=time.perf_counter() - t_start,
@@ -1221,9 +1281,10 @@ def _train(config: TrainConfig, device: torch.device, out: Path,
     try:
         from .results import plot_run
 
-        plot_run(history, dense_history, kept, total_units, out / PLOT_NAME,
-                 title=f"{config.model} on {config.dataset}: {config.estimator}, "
-                       f"lam={config.lam}")
+        if _CTX.is_main:
+            plot_run(history, dense_history, kept, total_units, out / PLOT_NAME,
+                     title=f"{config.model} on {config.dataset}: {config.estimator}, "
+                           f"lam={config.lam}")
     except Exception as exc:  # a plotting problem must not lose the run
         warnings.warn(f"could not write {out / PLOT_NAME}: {exc}", RuntimeWarning, stacklevel=2)
     return summary
@@ -1261,6 +1322,7 @@ def _dense_summary(config, gated_net, history, train_time, dense_module, input_s
         data_seed=config.data_seed,
         versions=_versions(),
         device=str(device),
+        world_size=_CTX.world_size,
         amp=bool(config.amp),
         train_time_s=train_time,
         wall_time_s=time.perf_counter() - t_start,
@@ -1272,14 +1334,17 @@ def _dense_summary(config, gated_net, history, train_time, dense_module, input_s
     try:
         from .results import plot_run
 
-        plot_run([], history, total_units, total_units, out / PLOT_NAME,
-                 title=f"dense {config.model} on {config.dataset}")
+        if _CTX.is_main:
+            plot_run([], history, total_units, total_units, out / PLOT_NAME,
+                     title=f"dense {config.model} on {config.dataset}")
     except Exception as exc:  # a plotting problem must not lose the run
         warnings.warn(f"could not write {out / PLOT_NAME}: {exc}", RuntimeWarning, stacklevel=2)
     return summary
 
 
 def _write_summary(summary: dict[str, Any], out: Path) -> None:
+    if not _CTX.is_main:
+        return
     tmp = out / f".{SUMMARY_NAME}.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out / SUMMARY_NAME)

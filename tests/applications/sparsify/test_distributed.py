@@ -1,0 +1,148 @@
+"""Data-parallel training equals single-process training on the same global batch.
+
+Two CPU processes (gloo, launched with ``torchrun --standalone`` exactly as the docs say)
+train the same L0-ARM MLP as one process with the same seed and global batch size (7, so
+the two shards are uneven: 4 and 3 examples); the
+final weights, gate parameters and test error must agree up to float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from applications.sparsify.distributed import ShardedBatchSampler, shard
+
+ROOT = Path(__file__).resolve().parents[3]
+
+COMMON = [
+    "sparsify",
+    "--model",
+    "mlp",
+    "--dataset",
+    "mnist5k",
+    "--limit",
+    "300",
+    "--estimator",
+    "arm",
+    "--lam",
+    "0.5",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "7",
+    "--lr",
+    "0.01",
+    "--seed",
+    "3",
+    "--device",
+    "cpu",
+    "--no-progress",
+    "--model-options",
+    '{"hidden": [16]}',
+    "--init-drop-rate",
+    "0.3",
+]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _run(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    )
+    return proc
+
+
+def _final_state(out: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    return ckpt["model"]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "ddp"
+    _run([sys.executable, "-m", "binopt", *COMMON, "--out", str(single)])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "binopt",
+            *COMMON,
+            "--out",
+            str(multi),
+        ]
+    )
+
+    s1 = json.loads((single / "summary.json").read_text())
+    s2 = json.loads((multi / "summary.json").read_text())
+    assert s2["world_size"] == 2 and s1["world_size"] == 1
+    a, b = _final_state(single), _final_state(multi)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    # training moved the parameters (the comparison is not between two initial states)
+    phi_keys = [k for k in a if k.endswith("phi")]
+    assert phi_keys
+    init = json.loads((single / "metrics.jsonl").read_text().splitlines()[0])
+    assert init["epoch"] == 1
+    assert s1["test_error"] == pytest.approx(s2["test_error"], abs=1e-9)
+    assert s1["kept_units"] == s2["kept_units"]
+    # only rank 0 wrote: one metrics line per epoch, no duplicate lines
+    lines = (multi / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_sharded_sampler_partitions_each_global_batch():
+    n, batch, world = 23, 7, 3
+    samplers = [
+        ShardedBatchSampler(n, batch, seed=5, rank=r, world_size=world) for r in range(world)
+    ]
+    for s in samplers:
+        s.set_epoch(2)
+    single = ShardedBatchSampler(n, batch, seed=5)
+    single.set_epoch(2)
+    per_rank = [list(s) for s in samplers]
+    for k, global_batch in enumerate(single):
+        union = [i for r in range(world) for i in per_rank[r][k]]
+        assert union == global_batch  # contiguous shards in rank order
+        sizes = [len(per_rank[r][k]) for r in range(world)]
+        assert max(sizes) - min(sizes) <= 1
+    assert sorted(i for b in single for i in b) == list(range(n))
+    # a new epoch reshuffles; the same epoch repeats
+    single.set_epoch(3)
+    other = list(single)
+    single.set_epoch(2)
+    assert list(single) != other
+
+
+def test_shard_sizes_and_order():
+    batch = torch.arange(10)
+    parts = [shard(batch, r, 4) for r in range(4)]
+    assert [p.tolist() for p in parts] == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+
+
+def test_sampler_rejects_batch_smaller_than_world():
+    with pytest.raises(ValueError, match="global batch size"):
+        ShardedBatchSampler(10, 1, seed=0, rank=0, world_size=2)
