@@ -25,7 +25,7 @@ from .layers import L0Conv2d, L0Linear, SampleBatchNorm2d
 def mlp(
     sizes: Sequence[int] = (784, 300, 100, 10),
     gated: bool = True,
-    init_drop_rate: float | Sequence[float] = (0.2, 0.5, 0.5),
+    init_drop_rate: float | Sequence[float] | None = None,
     **gate_options,
 ) -> nn.Sequential:
     """MLP (default 784-300-100-10) with L0 gates on the input neurons of every layer.
@@ -42,6 +42,8 @@ def mlp(
     sizes = [int(s) for s in sizes]
     if len(sizes) < 2 or min(sizes) < 1:
         raise ValueError(f"sizes must list at least two positive widths; got {sizes}")
+    if init_drop_rate is None:  # the reference: 0.2 on the input layer, 0.5 elsewhere
+        init_drop_rate = (0.2,) + (0.5,) * (len(sizes) - 2)
     drops = _per_layer(init_drop_rate, len(sizes) - 1, "init_drop_rate")
     layers: list[nn.Module] = [nn.Flatten()]
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):

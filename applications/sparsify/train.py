@@ -525,21 +525,18 @@ def _custom_module(config: TrainConfig, user_module: nn.Module, gated: bool) -> 
 
 def _build_module(config: TrainConfig, input_shape, num_classes: int, gated: bool,
                   user_module: nn.Module | None = None) -> nn.Module:
-    from .models import MODELS, build_model
+    from .models import build_model
 
     if user_module is not None:
         return _custom_module(config, user_module, gated)
     options = dict(config.model_options)
     options.update(_gate_options(config))
-    if (_check_choice("model", config.model, MODELS, _MODEL_ALIASES) == "mlp"
-            and "init_drop_rate" not in options and "hidden" in options):
-        # mlp()'s default drop rates (0.2, 0.5, 0.5) fit exactly two hidden layers
+    if "hidden" in options:
         try:
-            depth = len(list(options["hidden"])) + 1
+            list(options["hidden"])
         except TypeError:
             raise ConfigError(f"model option hidden must be a list of widths; got "
                               f"{options['hidden']!r}") from None
-        options["init_drop_rate"] = (0.2,) + (0.5,) * (depth - 1)
     torch.manual_seed(config.seed)
     try:
         return build_model(config.model, input_shape=input_shape, num_classes=num_classes,
