@@ -40,6 +40,7 @@ import binopt
 from binopt.estimators import ARM, REINFORCELOO, DisARM, Exact, GumbelSigmoid, HardConcrete
 
 from .layers import (
+    POOLING,
     Branch,
     L0Conv2d,
     L0Layer,
@@ -59,14 +60,7 @@ ZERO_PRESERVING: tuple[type[nn.Module], ...] = (
     nn.ELU,
     nn.GELU,
     nn.Tanh,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
+    *POOLING,
     nn.Identity,
 )
 

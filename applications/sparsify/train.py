@@ -1256,35 +1256,10 @@ def _train(config: TrainConfig, device: torch.device, out: Path,
         init_drop_rate=config.init_drop_rate,
         lr=float(config.lr),
         gate_lr=float(config.lr if config.gate_lr is None else config.gate_lr),
-        model=config.model,
-        dataset=config.dataset,
-        num_train=num_train,
-        num_val=len(val_ds) if val_ds is not None else 0,
-        num_test=len(test_ds),
-        epochs=config.epochs,
-        seed=config.seed,
-        data_seed=config.data_seed,
-        versions=_versions(),
-        device=str(device),
-        world_size=_CTX.world_size,
-        amp=bool(config.amp),
-        train_time_s=train_time,
-        wall_time_s=time.perf_counter() - t_start,
-        out=str(out),
-        config=config.to_dict(),
+        **_run_fields(config, num_train, val_ds, test_ds, device, train_time, t_start, out),
     )
-    summary = _jsonable(summary)
-    _write_summary(summary, out)
-    try:
-        from .results import plot_run
-
-        if _CTX.is_main:
-            plot_run(history, dense_history, kept, total_units, out / PLOT_NAME,
-                     title=f"{config.model} on {config.dataset}: {config.estimator}, "
-                           f"lam={config.lam}")
-    except Exception as exc:  # a plotting problem must not lose the run
-        warnings.warn(f"could not write {out / PLOT_NAME}: {exc}", RuntimeWarning, stacklevel=2)
-    return summary
+    return _finish(summary, out, history, dense_history, kept, total_units,
+                   f"{config.model} on {config.dataset}: {config.estimator}, lam={config.lam}")
 
 
 def _dense_summary(config, gated_net, history, train_time, dense_module, input_shape, num_train,
@@ -1309,6 +1284,15 @@ def _dense_summary(config, gated_net, history, train_time, dense_module, input_s
         expected_kept_fraction=1.0,
         estimator="dense",
         **{"lambda": 0.0},
+        **_run_fields(config, num_train, val_ds, test_ds, device, train_time, t_start, out),
+    )
+    return _finish(summary, out, [], history, total_units, total_units,
+                   f"dense {config.model} on {config.dataset}")
+
+
+def _run_fields(config, num_train, val_ds, test_ds, device, train_time, t_start, out):
+    """Summary fields shared by gated and dense runs."""
+    return dict(
         model=config.model,
         dataset=config.dataset,
         num_train=num_train,
@@ -1326,16 +1310,20 @@ def _dense_summary(config, gated_net, history, train_time, dense_module, input_s
         out=str(out),
         config=config.to_dict(),
     )
+
+
+def _finish(summary, out, history, dense_history, kept, total_units, title) -> dict[str, Any]:
+    """Write ``summary.json`` and the run plot (rank 0); a plotting problem never loses a run."""
     summary = _jsonable(summary)
     _write_summary(summary, out)
-    try:
-        from .results import plot_run
+    if _CTX.is_main:
+        try:
+            from .results import plot_run
 
-        if _CTX.is_main:
-            plot_run([], history, total_units, total_units, out / PLOT_NAME,
-                     title=f"dense {config.model} on {config.dataset}")
-    except Exception as exc:  # a plotting problem must not lose the run
-        warnings.warn(f"could not write {out / PLOT_NAME}: {exc}", RuntimeWarning, stacklevel=2)
+            plot_run(history, dense_history, kept, total_units, out / PLOT_NAME, title=title)
+        except Exception as exc:
+            warnings.warn(f"could not write {out / PLOT_NAME}: {exc}", RuntimeWarning,
+                          stacklevel=2)
     return summary
 
 
