@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         module = WideResNet(args.depth, args.width, num_classes=10).to(device)
         if device.type == "cuda":
             module = module.to(memory_format=torch.channels_last)
-        net = GatedNetwork(module, args.estimator, lam=1e-3, num_train=50_000,
-                           validate_args=False)
+        net = GatedNetwork(module, args.estimator, lam=1e-3, num_train=50_000, validate_args=False)
         return net
 
     plain_net, ddp_net = make(), make()
@@ -72,12 +71,18 @@ def main(argv: list[str] | None = None) -> int:
         "plain": (wrap_ddp(plain_net, DistributedContext(), device), plain_net),
         "ddp": (wrap_ddp(ddp_net, ctx, device), ddp_net),
     }
-    opts = {k: torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9) for k, (_, net) in steps.items()}
+    opts = {
+        k: torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9) for k, (_, net) in steps.items()
+    }
     x = torch.randn(args.batch_size, 3, 32, 32, device=device)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if (args.bf16 and device.type == "cuda") else None
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if (args.bf16 and device.type == "cuda")
+        else None
+    )
 
     def run(name: str, n: int) -> float:
         step, _ = steps[name]
@@ -107,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "ddp_wrn",
         "command": " ".join([sys.executable, *sys.argv]),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor(),
         "torch": torch.__version__,
         "backend": backend,
         "model": f"WRN-{args.depth}-{args.width}",

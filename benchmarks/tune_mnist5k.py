@@ -5,12 +5,14 @@ What it does
 1. Trains the dense MLP once (``TrainConfig(baseline="dense")``, same epochs, optimizer,
    seed and validation split as the trials) for the reference error.
 2. Runs ``binopt tune`` in Pareto mode (validation error vs FLOPs kept) with ``--jobs``
-   worker processes sharing a journal file. The search space is the default one with
-   ranges suited to this small data set and budget (found by a handful of manual runs
-   beforehand): one lambda per gated layer in 0.01-1 (log), estimator arm / disarm /
+   worker processes sharing a journal file (one torch thread each). The search space is
+   the default one with ranges suited to this small data set and budget (informed by the
+   sparsify runs in docs/sparsify/results.md, which settle with a separate, larger gate
+   learning rate): one lambda per gated layer in 0.01-0.1 (log), estimator arm / disarm /
    hard_concrete, gate sigmoid(k phi) or hard sigmoid with k in 4-10, initial drop rate
-   0.1-0.5, learning rate 1e-3-1e-2 (log; with only 32 steps per epoch the gates need a
-   large step size to settle within the budget), 80 epochs per trial.
+   0.1-0.5, weight learning rate 5e-4-3e-3 (log) and gate learning rate 3e-3-3e-2 (log;
+   with only 32 steps per epoch the gates need a large step size to settle within the
+   budget), 80 epochs per trial.
 3. Writes the Pareto table, ``pareto.png``/``.html``, the Pareto set and every trial to
    ``benchmarks/results/tune_mnist5k_*`` and checks the bar: the front holds a point whose
    TEST error is within 1.0 point of the dense network's test error with at most 10% of the
@@ -32,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -51,13 +54,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=24)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--epochs", type=int, default=80)
-    p.add_argument("--lam", default="0.01:1", help="per-layer lambda range (log scale)")
-    p.add_argument("--lr", default="1e-3:1e-2", help="learning-rate range (log scale)")
+    p.add_argument("--lam", default="0.01:0.1", help="per-layer lambda range (log scale)")
+    p.add_argument("--lr", default="5e-4:3e-3", help="weight learning-rate range (log scale)")
+    p.add_argument("--gate-lr", default="3e-3:3e-2",
+                   help="gate learning-rate range (log scale)")
     p.add_argument("--init-drop-rate", default="0.1:0.5", help="initial drop-rate range")
     p.add_argument("--k", default="4:10", help="gate slope range")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
     p.add_argument("--startup-trials", type=int, default=8)
-    p.add_argument("--out", default=str(ROOT / "runs" / "tune" / "mnist5k-bench"),
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--out", default=str(ROOT / "runs" / "tune" / "mnist5k-bench-gatelr"),
                    help="study folder (journal, trial runs, dense baseline)")
     p.add_argument("--results", default=str(RESULTS), help="where the result files go")
     p.add_argument("--report-only", action="store_true",
@@ -104,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         k=parse_float_spec(args.k, log=False, name="k"),
         init_drop_rate=parse_float_spec(args.init_drop_rate, log=False, name="init-drop-rate"),
         lr=parse_float_spec(args.lr, log=True, name="lr"),
+        gate_lr=parse_float_spec(args.gate_lr, log=True, name="gate-lr"),
     )
     settings = TuneSettings(
         storage=resolve_storage(None, args.out), study_name="mlp-mnist5k-pareto",
@@ -112,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         train={"model": "mlp", "dataset": "mnist5k", "epochs": args.epochs,
                "batch_size": 100, "seed": 0, "validation_fraction": 0.2},
         seed=args.seed, startup_trials=args.startup_trials, jobs=args.jobs, heartbeat=30.0,
+        threads=args.threads,
     )
     if args.report_only:
         study = optuna.load_study(study_name=settings.study_name,
@@ -173,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             "trials_meeting_it_on_test_error_anywhere": [{k: r[k] for k in keys}
                                                          for r in any_trial],
         },
+        "command": " ".join(["python", *(shlex.quote(a) for a in sys.argv)]),
         "study": {"name": settings.study_name, "storage": settings.storage,
-                  "trials": args.trials, "jobs": args.jobs, "epochs": args.epochs,
+                  "trials": args.trials, "jobs": args.jobs, "threads": args.threads,
+                  "epochs": args.epochs,
                   "sampler_seed": args.seed, "space": settings.space.describe(),
                   "counts": rep.counts},
         "timing": {
@@ -182,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
             "study_wall_s": study_wall,
             "total_wall_s": (dense_wall or 0.0) + (study_wall or 0.0),
             "trial_mean_s": sum(durations) / len(durations) if durations else None,
-            "note": "2 CPU cores shared with other jobs (load average about 7-10); the "
-                    "dense reference trains the L0 net and the dense net",
+            "note": f"{os.cpu_count()} CPU cores shared with other jobs (1-minute load "
+                    f"average at the end {os.getloadavg()[0]:.1f}); the dense reference "
+                    "trains the L0 net and the dense net",
         },
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                     "platform": platform.platform()},

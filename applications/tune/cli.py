@@ -41,8 +41,8 @@ def register(subparsers: Any, name: str = "tune", help_text: str | None = None) 
         name, help=help_text, description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Search-space syntax: a number fixes a float parameter, LOW:HIGH searches it "
-               "(log scale for --lam and --lr), a comma list searches a categorical one. "
-               "See docs/tune.md.",
+               "(log scale for --lam, --lr and --gate-lr), a comma list searches a categorical "
+               "one. See docs/tune.md.",
     )
     g = p.add_argument_group("study")
     g.add_argument("--model", default="mlp", help="mlp, lenet5 or wrn (default: mlp)")
@@ -95,6 +95,8 @@ def register(subparsers: Any, name: str = "tune", help_text: str | None = None) 
     s.add_argument("--init-drop-rate", default="0.05:0.6",
                    help="initial drop rate of every gate (default 0.05:0.6)")
     s.add_argument("--lr", default="3e-4:3e-3", help="learning rate (default 3e-4:3e-3, log)")
+    s.add_argument("--gate-lr", default="3e-3:3e-2",
+                   help="learning rate of the gate parameters (default 3e-3:3e-2, log)")
 
     tr = p.add_argument_group("training (fixed for every trial)")
     tr.add_argument("--epochs", type=int, default=10)
@@ -151,6 +153,7 @@ def _space(args: argparse.Namespace):
             init_drop_rate=parse_float_spec(args.init_drop_rate, log=False,
                                             name="init-drop-rate", low=1e-6, high=1 - 1e-6),
             lr=parse_float_spec(args.lr, log=True, name="lr", low=1e-12),
+            gate_lr=parse_float_spec(args.gate_lr, log=True, name="gate-lr", low=1e-12),
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None

@@ -54,7 +54,7 @@ def trial_record(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     hyper = {
         key: config.get(key, trial.params.get(key))
         for key in ("estimator", "parameterization", "k", "lam", "init_drop_rate", "lr",
-                    "epochs", "batch_size")
+                    "gate_lr", "epochs", "batch_size")
     }
     if hyper.get("estimator") in RELAXED_PARAMETERIZATION:  # gates are log a: no g, no k
         hyper["parameterization"], hyper["k"] = "log_a", None
@@ -182,7 +182,7 @@ _SHORT = {"scaled_sigmoid": "sigmoid(k)", "hard_sigmoid": "hard(k)", "log_a": "l
 def format_table(rows: Sequence[Mapping[str, Any]], *, run_dirs: bool = True) -> str:
     """Markdown table of trial records (errors and kept fractions in percent)."""
     head = ["trial", "architecture", "val err %", "test err %", "FLOPs kept %",
-            "params kept %", "estimator", "gate", "k", "lam", "init drop", "lr"]
+            "params kept %", "estimator", "gate", "k", "lam", "init drop", "lr", "gate lr"]
     if run_dirs:
         head.append("run folder")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -194,7 +194,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], *, run_dirs: bool = True) ->
             _pct(r.get("params_kept_fraction")), str(h.get("estimator") or "-"),
             _SHORT.get(str(h.get("parameterization")), str(h.get("parameterization") or "-")),
             _num(h.get("k")), _num(h.get("lam")), _num(h.get("init_drop_rate")),
-            _num(h.get("lr")),
+            _num(h.get("lr")), _num(h.get("gate_lr")),
         ]
         if run_dirs:
             cells.append(f"`{r.get('run_dir') or '-'}`")

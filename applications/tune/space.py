@@ -3,8 +3,8 @@
 Every part of the space can be searched or fixed from the command line with one syntax:
 
 - a number (``--lr 1e-3``) fixes a float parameter;
-- ``LOW:HIGH`` (``--lam 1e-3:1``) searches it, on a log scale for ``lam`` and ``lr`` and
-  on a linear scale for ``k`` and ``init_drop_rate``;
+- ``LOW:HIGH`` (``--lam 1e-3:1``) searches it, on a log scale for ``lam``, ``lr`` and
+  ``gate_lr`` and on a linear scale for ``k`` and ``init_drop_rate``;
 - a comma list (``--estimator arm,disarm``) searches a categorical parameter; a single
   name fixes it.
 
@@ -168,7 +168,10 @@ class SearchSpace:
     init_drop_rate : FloatRange
         Initial probability that a gate is off (one value for every layer).
     lr : FloatRange
-        Adam learning rate (log scale).
+        Adam learning rate of the weights (log scale).
+    gate_lr : FloatRange
+        Learning rate of the gate parameters (``phi`` or ``log a``; log scale). The gates
+        usually need a larger step than the weights to settle within a short budget.
     """
 
     lam: FloatRange = field(default_factory=lambda: FloatRange(1e-3, 1.0, log=True))
@@ -178,6 +181,7 @@ class SearchSpace:
     estimator: tuple[str, ...] = DEFAULT_ESTIMATORS
     init_drop_rate: FloatRange = field(default_factory=lambda: FloatRange(0.05, 0.6))
     lr: FloatRange = field(default_factory=lambda: FloatRange(3e-4, 3e-3, log=True))
+    gate_lr: FloatRange = field(default_factory=lambda: FloatRange(3e-3, 3e-2, log=True))
 
     def __post_init__(self) -> None:
         if not self.parameterization or not self.estimator:
@@ -187,8 +191,8 @@ class SearchSpace:
             raise ValueError(f"estimator(s) {sorted(bad)} cannot train a network")
         if not (0.0 < self.init_drop_rate.low and self.init_drop_rate.high < 1.0):
             raise ValueError("init_drop_rate must lie strictly between 0 and 1")
-        if self.lr.low <= 0 or self.k.low <= 0 or self.lam.low < 0:
-            raise ValueError("lr and k must be positive and lam non-negative")
+        if self.lr.low <= 0 or self.gate_lr.low <= 0 or self.k.low <= 0 or self.lam.low < 0:
+            raise ValueError("lr, gate_lr and k must be positive and lam non-negative")
 
     def suggest(
         self, trial: optuna.trial.Trial, layer_names: Sequence[str] | None = None
@@ -206,7 +210,7 @@ class SearchSpace:
         dict
             ``lam`` (float or dict layer -> float), ``estimator``, ``parameterization``
             and ``k`` (not for hard concrete, whose gates are parameterized by ``log a``),
-            ``init_drop_rate``, ``lr``: keyword arguments of ``TrainConfig``.
+            ``init_drop_rate``, ``lr``, ``gate_lr``: keyword arguments of ``TrainConfig``.
         """
         out: dict[str, Any] = {}
         if self.lam_per_layer:
@@ -223,6 +227,7 @@ class SearchSpace:
             out["k"] = self.k.suggest(trial, "k")
         out["init_drop_rate"] = self.init_drop_rate.suggest(trial, "init_drop_rate")
         out["lr"] = self.lr.suggest(trial, "lr")
+        out["gate_lr"] = self.gate_lr.suggest(trial, "gate_lr")
         return out
 
     def describe(self) -> dict[str, str]:
@@ -234,6 +239,7 @@ class SearchSpace:
             "k": self.k.describe(),
             "init_drop_rate": self.init_drop_rate.describe(),
             "lr": self.lr.describe(),
+            "gate_lr": self.gate_lr.describe(),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -244,7 +250,7 @@ class SearchSpace:
     def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
         """Rebuild a space from :meth:`to_dict`."""
         kw: dict[str, Any] = dict(data)
-        for key in ("lam", "k", "init_drop_rate", "lr"):
+        for key in ("lam", "k", "init_drop_rate", "lr", "gate_lr"):
             if key in kw and isinstance(kw[key], Mapping):
                 kw[key] = FloatRange(**kw[key])
         for key in ("parameterization", "estimator"):

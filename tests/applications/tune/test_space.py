@@ -58,11 +58,12 @@ def test_fixed_parts_are_not_optuna_parameters():
     space = SearchSpace(
         lam=FloatRange(0.1, 0.1), parameterization=("scaled_sigmoid",), k=FloatRange(7, 7),
         estimator=("arm",), init_drop_rate=FloatRange(0.3, 0.3), lr=FloatRange(1e-3, 1e-3),
+        gate_lr=FloatRange(1e-2, 1e-2),
     )
     (cfg, params), = _sample(space, 1)
     assert params == {}
     assert cfg == {"lam": 0.1, "estimator": "arm", "parameterization": "scaled_sigmoid",
-                   "k": 7.0, "init_drop_rate": 0.3, "lr": 1e-3}
+                   "k": 7.0, "init_drop_rate": 0.3, "lr": 1e-3, "gate_lr": 1e-2}
 
 
 def test_searched_parts_stay_in_range_and_hard_concrete_has_no_k():
@@ -70,6 +71,7 @@ def test_searched_parts_stay_in_range_and_hard_concrete_has_no_k():
     for cfg, params in _sample(space, 30):
         assert 1e-3 <= cfg["lam"] <= 1.0
         assert 3e-4 <= cfg["lr"] <= 3e-3
+        assert 3e-3 <= cfg["gate_lr"] <= 3e-2 and "gate_lr" in params
         assert 0.05 <= cfg["init_drop_rate"] <= 0.6
         assert cfg["estimator"] in ("arm", "disarm", "hard_concrete")
         if cfg["estimator"] == "hard_concrete":
@@ -91,3 +93,35 @@ def test_per_layer_lambda():
 def test_round_trip_dict():
     space = SearchSpace(lam_per_layer=True, estimator=("arm",))
     assert SearchSpace.from_dict(space.to_dict()) == space
+
+
+def test_gate_lr_from_the_command_line():
+    """``--gate-lr`` fixes (a number) or searches (LOW:HIGH, log scale) the gate step size,
+    and the sampled value reaches ``TrainConfig``."""
+    import argparse
+
+    from applications.errors import UserError
+    from applications.sparsify.train import TrainConfig
+    from applications.tune.cli import _space, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+
+    def space(*extra):
+        return _space(parser.parse_args(["tune", *extra]))
+
+    default = space()
+    assert default.gate_lr == FloatRange(3e-3, 3e-2, log=True)
+    assert default.describe()["gate_lr"] == "0.003:0.03 (log)"
+    fixed = space("--gate-lr", "0.01")
+    assert fixed.gate_lr.fixed and fixed.gate_lr.low == 0.01
+    (cfg, params), = _sample(fixed, 1)
+    assert cfg["gate_lr"] == 0.01 and "gate_lr" not in params
+    searched = space("--gate-lr", "1e-3:1e-1").gate_lr
+    assert (searched.low, searched.high, searched.log) == (1e-3, 0.1, True)
+    for bad in ("0", "-1:1", "2e-2:1e-2"):
+        with pytest.raises(UserError):
+            space(f"--gate-lr={bad}")
+    cfg.pop("lam")
+    assert TrainConfig(lam=0.1, **cfg).gate_lr == 0.01
+    assert SearchSpace.from_dict(fixed.to_dict()) == fixed
