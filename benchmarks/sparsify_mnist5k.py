@@ -56,8 +56,8 @@ FULL = {
         "gated": {"gate_lr": 7e-3, "k": 7.0, "init_drop_rate": None},
     },
     "lenet5": {
-        "epochs": 30,
-        "lams": {"arm": [0.01, 0.02], "hard_concrete": [0.02, 0.05]},
+        "epochs": 60,
+        "lams": {"arm": [0.005, 0.01], "hard_concrete": [0.02, 0.05]},
         "gated": {"gate_lr": 7e-3, "k": 7.0, "init_drop_rate": None},
     },
 }
