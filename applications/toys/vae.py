@@ -259,19 +259,26 @@ def vae_loss(
 
 
 # ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def elbo(
-    model: BinaryVAE, x: torch.Tensor, num_samples: int = 10, seed: int = 0, chunk: int = 500
-) -> float:
-    """Mean ELBO over ``x`` (binary), with ``num_samples`` latent draws per example."""
+def _latent_draws(model: BinaryVAE, x: torch.Tensor, num_samples: int, seed: int, chunk: int):
+    """Chunks of ``x`` expanded to ``(K, B, ...)``, their encoder logits and ``K`` seeded
+    latent draws ``z ~ q(z|x)`` each (shared by the ELBO and the importance-weighted bound)."""
     g = torch.Generator().manual_seed(seed)
-    total = 0.0
     for start in range(0, x.shape[0], chunk):
         xb = x[start : start + chunk]
         logits = model.encode(xb)
         pi = torch.sigmoid(logits)
         z = (torch.rand((num_samples, *pi.shape), generator=g) < pi).float()
-        rec = model.log_px_given_z(xb.expand(num_samples, *xb.shape), z).mean(0)
+        yield xb.expand(num_samples, *xb.shape), logits, z
+
+
+@torch.no_grad()
+def elbo(
+    model: BinaryVAE, x: torch.Tensor, num_samples: int = 10, seed: int = 0, chunk: int = 500
+) -> float:
+    """Mean ELBO over ``x`` (binary), with ``num_samples`` latent draws per example."""
+    total = 0.0
+    for xs, logits, z in _latent_draws(model, x, num_samples, seed, chunk):
+        rec = model.log_px_given_z(xs, z).mean(0)
         total += float((rec - model.kl(logits)).sum())
     return total / x.shape[0]
 
@@ -281,15 +288,10 @@ def iwae_bound(
     model: BinaryVAE, x: torch.Tensor, num_samples: int = 100, seed: int = 0, chunk: int = 100
 ) -> float:
     """Mean importance-weighted bound ``log (1/K) sum_k p(x, z_k) / q(z_k|x)``, ``z_k ~ q``."""
-    g = torch.Generator().manual_seed(seed)
     total = 0.0
-    for start in range(0, x.shape[0], chunk):
-        xb = x[start : start + chunk]
-        logits = model.encode(xb)
-        pi = torch.sigmoid(logits)
-        z = (torch.rand((num_samples, *pi.shape), generator=g) < pi).float()
+    for xs, logits, z in _latent_draws(model, x, num_samples, seed, chunk):
         log_w = (
-            model.log_px_given_z(xb.expand(num_samples, *xb.shape), z)
+            model.log_px_given_z(xs, z)
             + model.log_prior(z)
             - _bernoulli_log_prob(z, logits)
         )
