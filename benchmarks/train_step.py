@@ -19,10 +19,12 @@ Gate states
 Variants: dense; L0-ARM (the defaults: one-pass ARM with the weight gradient from the
 ``z = 1[u < pi]`` sample, conditional computation on); ablations of L0-ARM without
 conditional computation, with the weight gradient averaged over both samples, and with
-both (the stacked, masked pass from before issue #5); L0-HC (hard concrete, one sample)
-for reference; for the MLP, :class:`MinimalMLPARM`, a hand-written ARM step without the
-library's generality, as a floor for what an L0-ARM step can cost here; and the dense
-network stepped without :class:`GatedNetwork` (plain module and loss) for information.
+both (the stacked, masked pass from before issue #5); for the MLP, the generic sliced pass
+instead of the fused one of :mod:`applications.sparsify.linear_chain`; L0-HC (hard
+concrete, one sample) for reference; for the MLP, :class:`MinimalMLPARM`, a hand-written
+ARM step without the library's generality (two plain sliced passes), for comparison; and
+the dense network stepped without :class:`GatedNetwork` (plain module and loss) for
+information.
 
 Timing: every round runs one step of every variant (interleaved, in a rotating order) so
 that all of them see the same machine load; the table reports medians over the rounds of
@@ -116,6 +118,10 @@ def variants(model: str) -> list[dict[str, Any]]:
                     "options": {"conditional": False, "weight_grad": "mean"}})
         out.append({"name": f"L0-HC {state}", "gated": True, "state": state,
                     "estimator": "hard_concrete", "options": {}})
+        if model == "mlp":
+            out.append({"name": f"L0-ARM {state}, generic sliced pass", "gated": True,
+                        "state": state, "estimator": "arm", "options": {},
+                        "generic_chain": True})
         if model == "mlp" and state == "sparse":
             out.append({"name": f"L0-ARM {state}, hand-written floor", "gated": True,
                         "state": state, "estimator": "arm", "options": {}, "minimal": True})
@@ -176,6 +182,8 @@ def build(model: str, spec: dict[str, Any], fused: bool, seed: int):
         net = GatedNetwork(module, spec["estimator"], lam=0.1, num_train=60000,
                            **spec["options"])
         set_gate_state(net, spec["state"], seed=seed)
+        if spec.get("generic_chain"):  # without the fused linear-chain pass
+            net._linear_chain = None
     else:
         net = GatedNetwork(module, "arm", lam=0.1, num_train=60000)
     opt = make_optimizer(net.parameters(), fused)

@@ -50,6 +50,7 @@ from .layers import (
     apply_module,
     flatten_branch,
 )
+from .linear_chain import SlicedLinearChain
 
 #: Modules a sliced chain passes through unit by unit: each maps a zero unit to zero and
 #: treats every channel/feature (and every example) on its own.
@@ -161,6 +162,7 @@ class GatedNetwork(nn.Module):
         self.conditional = self._check_conditional(conditional)
         self.weight_grad = self._check_weight_grad(weight_grad)
         self._chain = _chain_plan(module)
+        self._linear_chain = SlicedLinearChain.from_module(module)
         self._penalty_weights: tuple | None = None
         # the gated layers are fixed at construction (lam, the estimator hand-off and the
         # BatchNorm list above rely on it too); cached for the per-step hot path
@@ -285,8 +287,19 @@ class GatedNetwork(nn.Module):
         # surrogate with a handful of operations instead of a handful per layer.
         names, sizes = list(layers), self._sizes
         flat = torch.cat([layer.gate.logits() for layer in layers.values()]) if names else None
+        chain = self._linear_chain if (
+            conditional and x.device.type == "cpu" and not self.estimator.reparameterized
+            and not torch.is_autocast_enabled("cpu")) else None
 
         def f(zflat: torch.Tensor | None) -> torch.Tensor:
+            if (chain is not None and zflat is not None
+                    and zflat.dtype in (torch.float32, torch.float64)
+                    and (last_only or zflat.shape[0] == 1)):
+                # an MLP: the whole sliced pass as one autograd node (linear_chain.py)
+                zn = np.split(zflat.detach().numpy() != 0, np.cumsum(sizes)[:-1], axis=1)
+                values, logits = chain.losses(x, y, dict(zip(names, zn)), loss_fn)
+                last_out.append(logits)
+                return values
             z = dict(zip(names, zflat.split(sizes, 1))) if zflat is not None else {}
             s = zflat.shape[0] if zflat is not None else 1
             outs = self._sample_outputs(x, z, s, conditional, last_only and s > 1, zflat)

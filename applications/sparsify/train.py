@@ -69,6 +69,7 @@ from .distributed import (
     wrap_ddp,
 )
 from .network import GatedNetwork
+from .step_log import NonFiniteLoss, StepLog, host_read_interval
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -552,9 +553,25 @@ def _make_optimizer(config: TrainConfig, net: GatedNetwork) -> torch.optim.Optim
     if gates:
         gate_lr = config.lr if config.gate_lr is None else float(config.gate_lr)
         groups.append({"params": gates, "weight_decay": 0.0, "lr": gate_lr})
+    # The fused (single-kernel) implementations update all tensors in one pass; on a CPU
+    # the per-tensor Adam costs about half of a dense MLP step, the fused one a fifth
+    # (docs/sparsify/performance.md). Same update rule; float rounding differs slightly.
     if _norm(config.optimizer) == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
-    return torch.optim.Adam(groups, lr=config.lr)
+        return _fused_or_plain(torch.optim.SGD, groups, lr=config.lr, momentum=0.9,
+                               nesterov=True)
+    return _fused_or_plain(torch.optim.Adam, groups, lr=config.lr)
+
+
+def _fused_or_plain(cls: type[torch.optim.Optimizer], groups, **options):
+    """``cls(groups, fused=True, **options)`` where this torch and device support it."""
+    params = [p for g in groups for p in g["params"]]
+    if params and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                      for p in params):
+        try:
+            return cls(groups, fused=True, **options)
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    return cls(groups, **options)
 
 
 def _make_scheduler(config: TrainConfig, opt: torch.optim.Optimizer):
@@ -578,6 +595,13 @@ def _loader(
     return DataLoader(ds, sampler=sampler, batch_size=None), sampler
 
 
+def _channels_last(net: nn.Module, device: torch.device) -> bool:
+    """Whether to keep convolution weights and inputs channels-last: on CUDA, where cuDNN's
+    fastest (tensor-core) kernels use that layout, whenever the network has a Conv2d. The
+    layout changes no result beyond float rounding."""
+    return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in net.modules())
+
+
 def _to_device(ds: TensorDataset | None, device: torch.device) -> TensorDataset | None:
     if ds is None or device.type == "cpu":
         return ds
@@ -589,7 +613,8 @@ def _to_device(ds: TensorDataset | None, device: torch.device) -> TensorDataset 
 
 @torch.no_grad()
 def evaluate(net: nn.Module, dataset: TensorDataset, device: torch.device | str = "cpu",
-             batch_size: int = 1000, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+             batch_size: int = 1000, amp_dtype: torch.dtype | None = None,
+             channels_last: bool | None = None) -> dict[str, float]:
     """Error and mean cross-entropy of ``net`` in eval mode (test-time gates).
 
     Parameters
@@ -598,6 +623,13 @@ def evaluate(net: nn.Module, dataset: TensorDataset, device: torch.device | str 
         Typically a :class:`GatedNetwork`; its ``forward`` applies the deterministic gates.
     dataset : TensorDataset
         ``(x, y)`` pairs.
+    device : torch.device or str, default "cpu"
+        Where the batches are evaluated (``net`` must already be there).
+    batch_size : int, default 1000
+    amp_dtype : torch.dtype, optional
+        Autocast to this dtype (mixed precision).
+    channels_last : bool, optional
+        Feed image batches channels-last; ``None``: on CUDA when ``net`` has a Conv2d.
 
     Returns
     -------
@@ -605,24 +637,31 @@ def evaluate(net: nn.Module, dataset: TensorDataset, device: torch.device | str 
         ``{"error": fraction misclassified, "loss": mean cross-entropy}``.
     """
     device = torch.device(device)
+    if channels_last is None:
+        channels_last = _channels_last(net, device)
     was_training = net.training
     net.eval()
     x_all, y_all = dataset.tensors[0], dataset.tensors[1]
-    wrong, loss, n = 0, 0.0, len(y_all)
+    n = len(y_all)
+    # summed on the device and read once: no host-device synchronisation per batch
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
     try:
         for i in range(0, n, batch_size):
             x = x_all[i:i + batch_size].to(device, non_blocking=True)
             y = y_all[i:i + batch_size].to(device, non_blocking=True)
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             ctx = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                    else contextlib.nullcontext())
             with ctx:
                 out = net(x)
             out = out.float()
-            loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
-            wrong += int((out.argmax(1) != y).sum())
+            totals[0] += nn.functional.cross_entropy(out, y, reduction="sum").double()
+            totals[1] += (out.argmax(1) != y).sum()
     finally:
         net.train(was_training)
-    return {"error": wrong / max(n, 1), "loss": loss / max(n, 1)}
+    loss, wrong = totals.tolist()
+    return {"error": int(wrong) / max(n, 1), "loss": loss / max(n, 1)}
 
 
 # =============================================================================== checkpoints
@@ -787,14 +826,14 @@ def _run_phase(
     loader, sampler = _loader(train_ds, config.batch_size, config.seed)
     steps_per_epoch = len(loader)
     step_fn = wrap_ddp(net, _CTX, device)
+    channels_last = _channels_last(net, device)
     label = "L0" if phase.name == "l0" else "dense"
     for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.perf_counter()
         net.train()
         sampler.set_epoch(epoch)
         global_sizes = [len(b) for b in sampler.global_batches()]
-        sums = {"loss": 0.0, "data_loss": 0.0, "penalty": 0.0}
-        wrong = seen = 0
+        log = StepLog(host_read_interval(device))
         bar = None
         iterator: Any = loader
         if printer.bar:
@@ -807,6 +846,8 @@ def _run_phase(
             for step, (x, y) in enumerate(iterator, start=1):
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
+                if channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 ctx = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                        else contextlib.nullcontext())
                 # Each rank's data loss is scaled so that DDP's mean over ranks is the loss
@@ -814,17 +855,6 @@ def _run_phase(
                 scale = y.shape[0] * _CTX.world_size / global_sizes[step - 1]
                 with ctx:
                     out = step_fn(x, y, scale)
-                loss_value = float(out.loss.detach())
-                if not math.isfinite(loss_value):
-                    where = (f"the last good checkpoint {ckpt_path} (after epoch {epoch - 1}) "
-                             "is intact") if ckpt_path.exists() else (
-                        "no epoch had finished, so there is no checkpoint")
-                    raise TrainingDivergedError(
-                        f"training diverged: the {label} loss is {loss_value} at epoch {epoch}, "
-                        f"step {step}/{steps_per_epoch}; {where}. Try a smaller --lr or --lam.",
-                        epoch=epoch, step=step,
-                        checkpoint=str(ckpt_path) if ckpt_path.exists() else None,
-                    )
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(out.loss).backward()
@@ -837,22 +867,24 @@ def _run_phase(
                     with torch.no_grad():
                         for p in net.gate_parameters():
                             p.clamp_(*_HC_LOG_A_RANGE)
-                n = int(y.shape[0])
-                data_value = float(out.data_loss) / scale
-                sums["loss"] += (data_value + float(out.penalty)) * n
-                sums["data_loss"] += data_value * n
-                sums["penalty"] += float(out.penalty) * n
-                wrong += int((out.logits.argmax(1) != y).sum())
-                seen += n
-                if bar is not None and (step % 5 == 0 or step == steps_per_epoch):
-                    bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}",
-                                    err=f"{wrong / seen:.4f}",
+                bad = log.add(step, out.loss, out.data_loss, out.penalty,
+                              (out.logits.argmax(1) != y).sum(), int(y.shape[0]), scale)
+                if bad is None and step == steps_per_epoch:
+                    bad = log.flush()
+                if bad is not None:
+                    _diverged(label, epoch, bad, steps_per_epoch, ckpt_path)
+                # the bar shows what was read; on the CPU every 5th step is enough
+                if bar is not None and log.pending == 0 and log.seen and (
+                        log.every > 1 or step % 5 == 0 or step == steps_per_epoch):
+                    bar.set_postfix(loss=f"{log.sums['loss'] / log.seen:.4f}",
+                                    err=f"{log.wrong / log.seen:.4f}",
                                     kept=f"{net.expected_kept_fraction():.3f}", refresh=False)
         finally:
             if bar is not None:
                 bar.close()
         if scheduler is not None:
             scheduler.step()
+        sums, wrong, seen = log.sums, log.wrong, log.seen
         if _CTX.enabled:
             sums, wrong, seen = _all_reduce_sums(sums, wrong, seen, device)
         epoch_time = time.perf_counter() - t0
@@ -889,6 +921,18 @@ def _run_phase(
         if epoch_callback is not None and _CTX.is_main:
             epoch_callback(epoch, dict(row))
     return history, train_time
+
+
+def _diverged(label: str, epoch: int, bad: NonFiniteLoss, steps_per_epoch: int,
+              ckpt_path: Path) -> None:
+    where = (f"the last good checkpoint {ckpt_path} (after epoch {epoch - 1}) is intact"
+             if ckpt_path.exists() else "no epoch had finished, so there is no checkpoint")
+    raise TrainingDivergedError(
+        f"training diverged: the {label} loss is {bad.value} at epoch {epoch}, "
+        f"step {bad.step}/{steps_per_epoch}; {where}. Try a smaller --lr or --lam.",
+        epoch=epoch, step=bad.step,
+        checkpoint=str(ckpt_path) if ckpt_path.exists() else None,
+    )
 
 
 def _all_reduce_sums(sums: dict[str, float], wrong: int, seen: int, device: torch.device):
@@ -1153,7 +1197,9 @@ def train(config: TrainConfig, *,
 
 
 def train_dense(config: TrainConfig, *,
-                epoch_callback: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+                epoch_callback: Callable[[int, dict], None] | None = None,
+                module: nn.Module | None = None,
+                data: Any = None) -> dict[str, Any]:
     """Train only the dense (ungated) twin of ``config.model`` with the same budget.
 
     Writes ``OUT/metrics.jsonl``, ``OUT/checkpoint.pt`` (resumable like :func:`train`),
@@ -1161,14 +1207,17 @@ def train_dense(config: TrainConfig, *,
     ``lam``, ...) are ignored; the summary reports ``estimator="dense"``,
     ``params_kept_fraction = flops_kept_fraction = 1`` and
     ``test_error == dense_test_error``. Used by the benchmark to train one dense baseline
-    per seed rather than one per gated run.
+    per seed rather than one per gated run. ``module`` and ``data`` are as in :func:`train`.
     """
-    return train(config, epoch_callback=epoch_callback, _dense_only=True)
+    return train(config, epoch_callback=epoch_callback, module=module, data=data,
+                 _dense_only=True)
 
 
 def _make_net(config: TrainConfig, module: nn.Module, num_train: int, gated: bool,
               device: torch.device) -> tuple[GatedNetwork, torch.Generator | None]:
     module = module.to(device)
+    if _channels_last(module, device):
+        module = module.to(memory_format=torch.channels_last)
     if gated:
         gen = torch.Generator(device=device).manual_seed(config.seed)
         estimator = binopt.get_estimator(config.estimator, generator=gen, validate_args=False,

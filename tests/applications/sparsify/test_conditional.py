@@ -176,14 +176,21 @@ def test_last_sample_weight_gradient(model):
     net = GatedNetwork(copy.deepcopy(module), "arm", lam=0.0, conditional=True,
                        generator=torch.Generator().manual_seed(7))
     seen = {}
-    original = net._sample_outputs
+    original = net.estimator._pair
+    layers = net.gated_layers()
 
-    def spy(x_, z, *args):
-        seen.update({k: v.detach().clone() for k, v in z.items()})
-        return original(x_, z, *args)
+    def spy(call_f, alphas):  # the gate samples the estimator hands to f
+        def call(samples):
+            (flat,) = samples
+            parts = flat.detach().clone().split([g.gate.num_units for g in layers.values()], 1)
+            seen.update(zip(layers, parts))
+            return call_f(samples)
 
-    net._sample_outputs = spy
+        return original(call, alphas)
+
+    net.estimator._pair = spy
     net.objective(x, y).loss.backward()
+    assert seen
     got = {
         n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
         for n, p in net.module.named_parameters()

@@ -318,3 +318,50 @@ def test_tutorial_code_runs(tmp_path, monkeypatch):
     for k, code in enumerate(blocks):
         exec(compile(code, f"{page}:block{k}", "exec"), namespace)
     torch.set_num_threads(1)  # the tutorial sets threads itself; keep the fixture's value
+
+
+def test_channels_last_is_chosen_for_convolutions_on_cuda_only():
+    from applications.sparsify.models import lenet5_caffe, mlp
+
+    conv, dense = lenet5_caffe(), mlp()
+    assert train_mod._channels_last(conv, torch.device("cuda"))
+    assert not train_mod._channels_last(conv, torch.device("cpu"))
+    assert not train_mod._channels_last(dense, torch.device("cuda"))
+
+
+def test_evaluate_gives_the_same_numbers_channels_last():
+    from torch.utils.data import TensorDataset
+
+    from applications.sparsify.models import lenet5_caffe
+    from applications.sparsify.network import GatedNetwork
+
+    torch.manual_seed(0)
+    net = GatedNetwork(lenet5_caffe(), "arm")
+    ds = TensorDataset(torch.randn(37, 1, 28, 28), torch.randint(0, 10, (37,)))
+    plain = train_mod.evaluate(net, ds, batch_size=10)
+    net_cl = net.to(memory_format=torch.channels_last)
+    fast = train_mod.evaluate(net_cl, ds, batch_size=10, channels_last=True)
+    assert fast["error"] == plain["error"]
+    assert fast["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    # the reference: the whole set in one batch, by hand
+    with torch.no_grad():
+        net.eval()
+        out = net(ds.tensors[0])
+    assert plain["error"] == pytest.approx(float((out.argmax(1) != ds.tensors[1]).float().mean()))
+    assert plain["loss"] == pytest.approx(
+        float(torch.nn.functional.cross_entropy(out, ds.tensors[1])), rel=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_optimizers_are_fused_where_supported(optimizer):
+    from applications.sparsify.models import mlp
+    from applications.sparsify.network import GatedNetwork
+
+    net = GatedNetwork(mlp((12, 6, 3)), "arm")
+    config = TrainConfig(optimizer=optimizer, gate_lr=0.5, lr=0.01, weight_decay=1e-4)
+    opt = train_mod._make_optimizer(config, net)
+    assert opt.defaults["fused"] is True
+    weights, gates = opt.param_groups
+    assert gates["lr"] == 0.5 and gates["weight_decay"] == 0.0
+    assert weights["lr"] == 0.01 and weights["weight_decay"] == 1e-4
+    assert {id(p) for p in gates["params"]} == {id(p) for p in net.gate_parameters()}

@@ -1,0 +1,399 @@
+"""A chain of input-gated linear layers evaluated sliced, as ONE autograd node.
+
+For an MLP that has thinned out, a sliced L0-ARM step does little arithmetic: with 80% of
+the units of every layer gated off the products shrink 25-fold, and what remains is the
+cost of issuing small operations (about 5-10 microseconds each on a CPU). The generic
+sliced pass (:func:`.network._run_chain`) issues many: per layer and sample, gathers, their
+autograd nodes, a product, an activation, then a backward pass through all those nodes.
+
+:class:`SlicedLinearChain` computes the per-sample losses of ``Flatten? -> L0Linear -> ReLU
+-> ... -> L0Linear`` for ``S`` binary gate samples in one :class:`torch.autograd.Function`.
+
+Forward (no autograd). Each layer works on the UNION over the samples of its active input
+units, and multiplies only the weight block ``W[rows][:, cols]`` (``cols``: that union;
+``rows``: the next layer's union). The samples share one activation tensor until their
+gates differ; from there on they are stacked, ``(S, B, units)``, and each sample's inactive
+units in the union are zeroed by a mask, so every layer is one product for all samples
+(ARM's two samples usually differ in a handful of units). The first layer, whose input is
+shared, multiplies the columns every sample keeps once and adds each sample's few extra
+columns when that is cheaper than two products.
+
+Backward, for the last sample only: the convention of ``weight_grad="last"`` in
+:class:`~.network.GatedNetwork`, where the weights take the gradient of the last sample's
+loss, scaled by the sum of the gradients flowing into the ``S`` losses (1 when the estimator
+averages them). The gradient with respect to the outputs comes from autograd (so any
+``loss_fn`` works), the chain is differentiated by hand (two products per layer) and each
+weight gradient is written into a zero tensor of the weight's shape at the block.
+
+The result equals the masked computation's up to float rounding: a unit gated off in the
+last sample gets exactly zero gradient in both (its activation is zero, so is the gradient
+reaching it). ``tests/applications/sparsify/test_linear_chain.py`` checks this against
+:class:`~.network.GatedNetwork` without conditional computation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import L0Linear
+
+__all__ = ["SlicedLinearChain"]
+
+#: A layer stores (gathers) the union of the samples' active inputs, or all of its inputs
+#: once that union covers this fraction of them: gathering most of a weight matrix costs
+#: more than multiplying a few zero columns.
+DENSE_FRACTION = 0.75
+
+#: First-layer products smaller than this many multiply-adds per example are computed for
+#: every sample on the union of their columns (one product); larger ones are computed once
+#: on the shared columns plus a small product per sample over its own extra columns. Below
+#: the threshold the saved arithmetic costs less than the extra operations (about 5 us
+#: each, where one multiply-add costs about 0.015 ns on one core).
+SHARED_FIRST_LAYER_MACS = 30_000
+
+
+def _index(idx: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(idx)
+
+
+def _take(t: torch.Tensor | None, dim: int, idx: np.ndarray | None) -> torch.Tensor | None:
+    if t is None or idx is None:
+        return t
+    return t.index_select(dim, _index(idx))
+
+
+#: Blocks of at most this many weights are gathered and scattered through one flat index;
+#: larger ones by rows then columns, which needs no index as large as the block.
+FLAT_INDEX_LIMIT = 16_384
+
+
+def _flat_index(rows: np.ndarray | None, cols: np.ndarray | None,
+                width: int) -> torch.Tensor | None:
+    """Row-major positions of the block ``[rows][:, cols]`` when both are partial and the
+    block is small (:data:`FLAT_INDEX_LIMIT`)."""
+    if rows is None or cols is None or len(rows) * len(cols) > FLAT_INDEX_LIMIT:
+        return None
+    return _index((rows[:, None] * width + cols[None, :]).reshape(-1))
+
+
+def _block(w: torch.Tensor, rows: np.ndarray | None, cols: np.ndarray | None,
+           flat: torch.Tensor | None) -> torch.Tensor:
+    """``w[rows][:, cols]`` (``None``: all, in order; ``flat``: see :func:`_flat_index`)."""
+    if flat is not None:
+        return w.reshape(-1).index_select(0, flat).view(len(rows), len(cols))
+    return _take(_take(w, 0, rows), 1, cols)
+
+
+def _scatter(block: torch.Tensor, shape: torch.Size, rows: np.ndarray | None,
+             cols: np.ndarray | None, flat: torch.Tensor | None) -> torch.Tensor:
+    """A zero tensor of ``shape`` holding ``block`` at ``[rows][:, cols]``."""
+    if rows is None and cols is None:
+        return block
+    out = block.new_zeros(shape)
+    if flat is not None:
+        return out.view(-1).index_copy_(0, flat, block.reshape(-1)).view(shape)
+    if cols is not None:
+        wide = block.new_zeros((block.shape[0], shape[1])) if rows is not None else out
+        block = wide.index_copy_(1, _index(cols), block)
+        if rows is None:
+            return out
+    return out.index_copy_(0, _index(rows), block)
+
+
+@dataclass
+class _Plan:
+    """Index bookkeeping of one step, per layer (NumPy only).
+
+    A layer stores the union of the samples' active input units (gathered), or all its
+    inputs when the union covers at least :data:`DENSE_FRACTION` of them (gathering would
+    then cost more than it saves). ``off[i][s]`` lists the stored positions that sample
+    ``s`` gates off; they are zeroed in that sample's copy of the input.
+    """
+
+    samples: int
+    cols: list[np.ndarray | None]        # stored input units (None: all)
+    off: list[list[np.ndarray] | None]   # per sample, stored positions gated off (None:
+                                         # every sample keeps every stored position)
+    shared_off: np.ndarray | None = None  # split first layer: positions off in SOME sample
+    extra: list[np.ndarray] | None = None  # split first layer: each sample's positions
+                                           # that some other sample gates off
+
+
+class SlicedLinearChain:
+    """Sliced per-sample losses of a chain of input-gated :class:`~.layers.L0Linear` layers.
+
+    Build it with :meth:`from_module`; :class:`~.network.GatedNetwork` does, and uses it for
+    binary gate samples when the weights take their gradient from the last sample (L0-ARM's
+    default on the CPU).
+
+    Parameters
+    ----------
+    layers : sequence of L0Linear
+        The linear layers in order; gated ones have input gates.
+    names : sequence of str or None
+        Each layer's name among the gated layers (``None``: ungated).
+    flatten : bool
+        Whether the chain starts with ``nn.Flatten()``.
+    """
+
+    def __init__(self, layers: Sequence[L0Linear], names: Sequence[str | None],
+                 flatten: bool) -> None:
+        self.layers = list(layers)
+        self.names = list(names)
+        self.flatten = bool(flatten)
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> SlicedLinearChain | None:
+        """The chain of ``module``, or ``None`` unless it is an ``nn.Sequential`` of an
+        optional ``nn.Flatten()``, then :class:`L0Linear` layers (input gates or none)
+        separated by one ``nn.ReLU()`` each, with at least one gated layer."""
+        if type(module) is not nn.Sequential:
+            return None
+        children = list(module.named_children())
+        flatten = False
+        if children and type(children[0][1]) is nn.Flatten:
+            f = children[0][1]
+            if f.start_dim != 1 or f.end_dim != -1:
+                return None
+            flatten, children = True, children[1:]
+        if len(children) % 2 != 1:
+            return None
+        layers, names = [], []
+        for i, (name, child) in enumerate(children):
+            if i % 2 == 1:
+                if type(child) is not nn.ReLU:
+                    return None
+                continue
+            if type(child) is not L0Linear:
+                return None
+            gated = child.gate is not None
+            if gated and child.gate_target != "input":
+                return None
+            layers.append(child)
+            names.append(name if gated else None)
+        for a, b in zip(layers[:-1], layers[1:]):
+            if a.out_features != b.in_features:
+                return None
+        if not any(n is not None for n in names):
+            return None
+        return cls(layers, names, flatten)
+
+    def plan(self, masks: Mapping[str, np.ndarray]) -> _Plan:
+        """Index bookkeeping of one step: masks are gate name -> ``(S, in)`` booleans."""
+        s_all = next(iter(masks.values())).shape[0]
+        plan = _Plan(s_all, [], [])
+        for name in self.names:
+            if name is None:
+                plan.cols.append(None)
+                plan.off.append(None)
+                continue
+            m = masks[name]
+            union = m.any(0)
+            u = np.flatnonzero(union)
+            if len(u) >= DENSE_FRACTION * len(union):
+                u, mu = None, m
+            else:
+                mu = m[:, u]
+            plan.cols.append(u)
+            plan.off.append(None if mu.all() else [np.flatnonzero(~row) for row in mu])
+        if plan.off[0] is not None:
+            first = self.layers[0]
+            width = first.in_features if plan.cols[0] is None else len(plan.cols[0])
+            rows = first.out_features if len(self.layers) == 1 or plan.cols[1] is None else len(
+                plan.cols[1])
+            if width * rows > SHARED_FIRST_LAYER_MACS:
+                m0 = masks[self.names[0]]
+                mu = m0 if plan.cols[0] is None else m0[:, plan.cols[0]]
+                every = mu.all(0)
+                plan.shared_off = np.flatnonzero(~every)
+                plan.extra = [np.flatnonzero(row & ~every) for row in mu]
+        return plan
+
+    def losses(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        masks: Mapping[str, np.ndarray],
+        loss_fn: Callable[..., torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample losses ``(S,)`` and the last sample's outputs ``(B, classes)``.
+
+        Parameters
+        ----------
+        x, y : torch.Tensor
+            The minibatch (CPU).
+        masks : mapping
+            Gate name -> ``(S, in_features)`` booleans: the units gated on in each sample.
+        loss_fn : callable
+            ``loss_fn(outputs, y, reduction="none")``; a sample's loss is its mean.
+
+        The losses carry the gradient of the LAST sample's loss to every weight and bias,
+        scaled by the sum of the gradients flowing into the ``S`` losses.
+        """
+        plan = self.plan(masks)
+        params: list[torch.Tensor] = []
+        for layer in self.layers:
+            params.append(layer.weight)
+            if layer.bias is not None:
+                params.append(layer.bias)
+        return _ChainLosses.apply(self, plan, loss_fn, x, y, *params)
+
+    # ------------------------------------------------------------------ internals
+    def _params(self, flat: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        it = iter(flat)
+        return [(next(it), next(it) if layer.bias is not None else None)
+                for layer in self.layers]
+
+    def _first_layer_split(self, h: torch.Tensor, plan: _Plan, w, b, rows) -> torch.Tensor:
+        """The first layer's stacked ``(S * B, rows)`` outputs from its stored input ``h``:
+        the positions every sample keeps multiplied once (the others zeroed), plus each
+        sample's product over its own remaining positions."""
+        cols, width = plan.cols[0], w.shape[1]
+        common = h.clone()
+        common.index_fill_(1, _index(plan.shared_off), 0)
+        wb = _block(w, rows, cols, _flat_index(rows, cols, width))
+        out = F.linear(common, wb, _take(b, 0, rows))
+        per = []
+        for extra in plan.extra:
+            if len(extra) == 0:
+                per.append(out)
+                continue
+            per.append(out.addmm(h.index_select(1, _index(extra)),
+                                 wb.index_select(1, _index(extra)).t()))
+        return torch.cat(per)
+
+    def _forward(self, x: torch.Tensor, plan: _Plan, params, transpose_out: bool):
+        """The outputs and, per layer, ``(input, weight block, block index)``.
+
+        The outputs are ``(B, n)`` when all samples agree, else stacked ``(S * B, n)``;
+        ``transpose_out`` gives their transpose (contiguous), for the loss. A stacked
+        input has each sample's gated-off columns zeroed; a split first layer saves
+        ``(None, None, None)``.
+        """
+        inputs: list[tuple] = []
+        last = len(self.layers) - 1
+        batch = x.shape[0]
+        h, stacked = x, False
+        for i, (w, b) in enumerate(params):
+            rows = plan.cols[i + 1] if i < last else None
+            if i == 0:
+                h = _take(x, 1, plan.cols[0])
+            if i == 0 and plan.extra is not None:
+                a = self._first_layer_split(h, plan, w, b, rows)
+                stacked = True
+                inputs.append((h, None, None))
+                if i == last and transpose_out:
+                    a = a.t().contiguous()
+            else:
+                off = plan.off[i]
+                if off is not None:
+                    if not stacked:  # the samples part ways here
+                        h, stacked = torch.cat([h] * plan.samples), True
+                    for s, o in enumerate(off):
+                        if len(o):
+                            h[s * batch:(s + 1) * batch].index_fill_(1, _index(o), 0)
+                flat = _flat_index(rows, plan.cols[i], w.shape[1])
+                wb = _block(w, rows, plan.cols[i], flat)
+                inputs.append((h, wb, flat))
+                bb = _take(b, 0, rows)
+                if i == last and transpose_out:
+                    a = wb.mm(h.t()) if bb is None else torch.addmm(bb.unsqueeze(1), wb, h.t())
+                else:
+                    a = F.linear(h, wb, bb)
+            h = a if i == last else torch.relu(a)
+        return h, inputs, stacked
+
+
+def _is_cross_entropy(loss_fn: Callable, y: torch.Tensor) -> bool:
+    """Whether the loss is plain cross-entropy on valid class indices (its gradient is then
+    written directly instead of taken by autograd)."""
+    return (loss_fn is F.cross_entropy and y.dtype == torch.int64 and y.dim() == 1
+            and y.numel() > 0 and int(y.min()) >= 0)
+
+
+class _ChainLosses(torch.autograd.Function):
+    """See :meth:`SlicedLinearChain.losses`."""
+
+    @staticmethod
+    def forward(ctx, chain: SlicedLinearChain, plan: _Plan, loss_fn, x, y, *flat_params):
+        if chain.flatten:
+            x = x.flatten(1)
+        params = chain._params(flat_params)
+        fast = ctx.fast_ce = _is_cross_entropy(loss_fn, y)
+        # plain cross-entropy works on the transposed outputs: log-softmax over a short
+        # leading dimension is several times faster than over a short last one
+        out, inputs, stacked = chain._forward(x, plan, params, transpose_out=fast)
+        s_all, batch = plan.samples, x.shape[0]
+        ys = torch.cat([y] * s_all) if stacked else y
+        if fast:
+            logp = F.log_softmax(out, 0)
+            nll = logp.gather(0, ys.unsqueeze(0)).view(-1, batch).mean(1).neg()
+            values = nll if stacked else nll.expand(s_all)
+            ctx.logp, ctx.y = logp[:, -batch:], y
+            logits = out[:, -batch:].t()
+        else:
+            with torch.enable_grad():  # the loss's own graph, for its gradient in backward
+                leaf = out[-batch:].detach().requires_grad_()
+                ctx.leaf = leaf
+                ctx.last_loss = loss_fn(leaf, y, reduction="none").mean()
+            if stacked:
+                values = loss_fn(out, ys, reduction="none").view(-1, batch).mean(1)
+                values[-1] = ctx.last_loss.detach()
+            else:
+                values = ctx.last_loss.detach().expand(s_all)
+            logits = out[-batch:]
+        ctx.chain, ctx.plan, ctx.x, ctx.inputs, ctx.params = chain, plan, x, inputs, params
+        ctx.mark_non_differentiable(logits)
+        return values.clone(), logits
+
+    @staticmethod
+    def backward(ctx, grad_values, _grad_logits):
+        chain, plan, params = ctx.chain, ctx.plan, ctx.params
+        need = ctx.needs_input_grad[5:]
+        grads: list[torch.Tensor | None] = [None] * len(need)
+        if any(need):
+            total = grad_values.sum()
+            transposed = ctx.fast_ce
+            if transposed:  # d mean CE / d logits = (softmax - onehot) / B, transposed
+                g = ctx.logp.exp()
+                batch = g.shape[1]
+                g.scatter_add_(0, ctx.y.unsqueeze(0), g.new_full((1, batch), -1.0))
+                g = g.mul_(total / batch)
+            else:
+                (g,) = torch.autograd.grad(ctx.last_loss, ctx.leaf, total)
+                batch = g.shape[0]
+            last = len(chain.layers) - 1
+            per_layer = []
+            for i in range(last, -1, -1):
+                w, b = params[i]
+                rows = plan.cols[i + 1] if i < last else None
+                h, wb, flat = ctx.inputs[i]
+                cols = plan.cols[i]
+                if i == 0 and plan.extra is not None:  # split: the last sample's input
+                    h = h.clone().index_fill_(1, _index(plan.off[0][-1]), 0)
+                    flat = _flat_index(rows, cols, w.shape[1])
+                elif h.shape[0] != batch:
+                    h = h[-batch:]
+                gt = g if transposed else g.t()  # (outputs, B)
+                gw = _scatter(gt.mm(h), w.shape, rows, cols, flat)
+                gb = None if b is None else _scatter(gt.sum(1), b.shape, rows, None, None)
+                per_layer.append((gw, gb))
+                if i:
+                    # relu's derivative read off its output with the gates applied: a unit
+                    # gated off in the last sample or below zero passes no gradient
+                    g = torch.ops.aten.threshold_backward(gt.t().mm(wb), h, 0)
+                    transposed = False
+            flat_grads = []
+            for (gw, gb), layer in zip(reversed(per_layer), chain.layers):
+                flat_grads.append(gw)
+                if layer.bias is not None:
+                    flat_grads.append(gb)
+            grads = [gr if n else None for gr, n in zip(flat_grads, need)]
+        ctx.x = ctx.inputs = ctx.params = ctx.logp = ctx.leaf = ctx.last_loss = None
+        return (None, None, None, None, None, *grads)
