@@ -289,7 +289,7 @@ class GatedNetwork(nn.Module):
         flat = torch.cat([layer.gate.logits() for layer in layers.values()]) if names else None
         chain = self._linear_chain if (
             conditional and x.device.type == "cpu" and not self.estimator.reparameterized
-            and not torch.is_autocast_enabled("cpu")) else None
+            and not _cpu_autocast()) else None
 
         def f(zflat: torch.Tensor | None) -> torch.Tensor:
             if (chain is not None and zflat is not None
@@ -434,6 +434,14 @@ class GatedNetwork(nn.Module):
 
 
 # ---------------------------------------------------------------------- helpers
+def _cpu_autocast() -> bool:
+    """Whether CPU autocast is on (the fused MLP pass then steps aside)."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled()
+
+
 def conditional_is_exact(estimator: binopt.Estimator) -> bool:
     """Whether skipping gates sampled at 0 leaves every gradient unchanged.
 

@@ -280,3 +280,30 @@ def _kinds(p_off: float, p_on: float) -> list[float]:
     off = p_off / 2
     on = (1 - off) * p_on / 2
     return [off, 1 - off - on, on]
+
+
+def test_cpu_autocast_falls_back_to_the_generic_pass():
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(8)
+    module = mlp((16, 10, 4))
+    _set_probs(GatedNetwork(module), _mixed(9))
+    x, y = _data(8, (16,), 4)
+    x = x.float()
+    net = GatedNetwork(module, "arm", generator=torch.Generator().manual_seed(0))
+    calls = {"n": 0}
+    original = SlicedLinearChain.losses
+
+    def counting(self, *a, **k):
+        calls["n"] += 1
+        return original(self, *a, **k)
+
+    SlicedLinearChain.losses = counting
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net.objective(x, y)
+        out.loss.backward()
+        assert calls["n"] == 0 and torch.isfinite(out.loss)
+        net.objective(x, y)
+        assert calls["n"] == 1
+    finally:
+        SlicedLinearChain.losses = original
