@@ -63,3 +63,18 @@ def _single_torch_thread(request):
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def load_benchmark():
+    """``load_benchmark(name)`` imports ``benchmarks/<name>.py`` (scripts, not a package)."""
+    import importlib.util
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -41,14 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import L0Linear
+from .layers import DENSE_FRACTION, L0Linear, _take
+from .layers import _tensor as _index
 
 __all__ = ["SlicedLinearChain"]
-
-#: A layer stores (gathers) the union of the samples' active inputs, or all of its inputs
-#: once that union covers this fraction of them: gathering most of a weight matrix costs
-#: more than multiplying a few zero columns.
-DENSE_FRACTION = 0.75
 
 #: First-layer products smaller than this many multiply-adds per example are computed for
 #: every sample on the union of their columns (one product); larger ones are computed once
@@ -56,17 +52,6 @@ DENSE_FRACTION = 0.75
 #: the threshold the saved arithmetic costs less than the extra operations (about 5 us
 #: each, where one multiply-add costs about 0.015 ns on one core).
 SHARED_FIRST_LAYER_MACS = 30_000
-
-
-def _index(idx: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(idx)
-
-
-def _take(t: torch.Tensor | None, dim: int, idx: np.ndarray | None) -> torch.Tensor | None:
-    if t is None or idx is None:
-        return t
-    return t.index_select(dim, _index(idx))
-
 
 #: Blocks of at most this many weights are gathered and scattered through one flat index;
 #: larger ones by rows then columns, which needs no index as large as the block.
@@ -111,9 +96,10 @@ class _Plan:
     """Index bookkeeping of one step, per layer (NumPy only).
 
     A layer stores the union of the samples' active input units (gathered), or all its
-    inputs when the union covers at least :data:`DENSE_FRACTION` of them (gathering would
-    then cost more than it saves). ``off[i][s]`` lists the stored positions that sample
-    ``s`` gates off; they are zeroed in that sample's copy of the input.
+    inputs when the union covers at least :data:`~.layers.DENSE_FRACTION` of them
+    (gathering most of a weight matrix costs more than multiplying a few zero columns).
+    ``off[i][s]`` lists the stored positions that sample ``s`` gates off; they are zeroed
+    in that sample's copy of the input.
     """
 
     samples: int
@@ -339,14 +325,10 @@ class _ChainLosses(torch.autograd.Function):
             logits = out[:, -batch:].t()
         else:
             with torch.enable_grad():  # the loss's own graph, for its gradient in backward
-                leaf = out[-batch:].detach().requires_grad_()
-                ctx.leaf = leaf
-                ctx.last_loss = loss_fn(leaf, y, reduction="none").mean()
-            if stacked:
-                values = loss_fn(out, ys, reduction="none").view(-1, batch).mean(1)
-                values[-1] = ctx.last_loss.detach()
-            else:
-                values = ctx.last_loss.detach().expand(s_all)
+                ctx.leaf = out.detach().requires_grad_()
+                per = loss_fn(ctx.leaf, ys, reduction="none").view(-1, batch).mean(1)
+                ctx.last_loss = per[-1]
+            values = per.detach() if stacked else per.detach().expand(s_all)
             logits = out[-batch:]
         ctx.chain, ctx.plan, ctx.x, ctx.inputs, ctx.params = chain, plan, x, inputs, params
         ctx.mark_non_differentiable(logits)
@@ -367,7 +349,8 @@ class _ChainLosses(torch.autograd.Function):
                 g = g.mul_(total / batch)
             else:
                 (g,) = torch.autograd.grad(ctx.last_loss, ctx.leaf, total)
-                batch = g.shape[0]
+                batch = ctx.x.shape[0]
+                g = g[-batch:]
             last = len(chain.layers) - 1
             per_layer = []
             for i in range(last, -1, -1):

@@ -168,6 +168,7 @@ class GatedNetwork(nn.Module):
         # BatchNorm list above rely on it too); cached for the per-step hot path
         self._gated = layers
         self._sizes = [layer.gate.num_units for layer in layers.values()]
+        self._ends = np.cumsum(self._sizes)[:-1]  # where the flat gate sample splits
 
     # ------------------------------------------------------------------ options
     def _check_conditional(self, conditional: bool | str) -> bool | str:
@@ -296,7 +297,7 @@ class GatedNetwork(nn.Module):
                     and zflat.dtype in (torch.float32, torch.float64)
                     and (last_only or zflat.shape[0] == 1)):
                 # an MLP: the whole sliced pass as one autograd node (linear_chain.py)
-                zn = np.split(zflat.detach().numpy() != 0, np.cumsum(sizes)[:-1], axis=1)
+                zn = np.split(zflat.detach().numpy() != 0, self._ends, axis=1)
                 values, logits = chain.losses(x, y, dict(zip(names, zn)), loss_fn)
                 last_out.append(logits)
                 return values
@@ -372,8 +373,7 @@ class GatedNetwork(nn.Module):
         if sliced and next(iter(z.values())).dtype in (torch.float32, torch.float64):
             info = PassInfo(s, last_only, binary=not self.estimator.reparameterized)
             if zflat is not None:
-                ends = np.cumsum(self._sizes)[:-1]
-                zn = dict(zip(self._gated, np.split(zflat.detach().numpy(), ends, axis=1)))
+                zn = dict(zip(self._gated, np.split(zflat.detach().numpy(), self._ends, axis=1)))
             else:
                 zn = {name: v.detach().numpy() for name, v in z.items()}
             return _run_chain(self._chain, x, z, zn, info)

@@ -265,29 +265,18 @@ def test_conditional_is_not_exact_for(name, options):
     assert not conditional_is_exact(get_estimator(name, **options))
 
 
-def _load_benchmark(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[3] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_train_step_benchmark_runs(tmp_path):
+def test_train_step_benchmark_runs(tmp_path, load_benchmark):
     torch.set_default_dtype(torch.float32)
-    bench = _load_benchmark("train_step")
+    bench = load_benchmark("train_step")
     out = tmp_path / "ts.json"
     result = bench.main(["--models", "mlp", "--rounds", "2", "--warmup", "0", "--out", str(out)])
     assert out.exists() and {r["variant"] for r in result["rows"]} >= {"dense", "L0-ARM open"}
     assert result["settings"]["torch_threads"] == 1
 
 
-def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path):
+def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path, load_benchmark):
     torch.set_default_dtype(torch.float32)
-    bench = _load_benchmark("gpu_wrn")
+    bench = load_benchmark("gpu_wrn")
     out = tmp_path / "g.json"
     result = bench.main(["--smoke", "--device", "cpu", "--only", "L0-ARM init", "L0-HC open",
                          "--out", str(out)])

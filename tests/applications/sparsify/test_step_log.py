@@ -137,14 +137,8 @@ def test_batched_reads_still_name_the_diverging_step(tmp_path, monkeypatch):
     assert calls["n"] == 7 + 4  # it stopped at the first read after the NaN
 
 
-def test_train_loop_benchmark_smoke(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[3] / "benchmarks" / "train_loop.py"
-    spec = importlib.util.spec_from_file_location("_bench_train_loop", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_train_loop_benchmark_smoke(tmp_path, load_benchmark):
+    bench = load_benchmark("train_loop")
     before = (train_mod.host_read_interval, train_mod._channels_last)
     out = tmp_path / "loop.json"
     assert bench.main(["--smoke", "--out", str(out)]) == 0
