@@ -61,6 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from applications.sparsify.denormals import flush_denormals  # noqa: E402
 from applications.sparsify.models import lenet5_caffe, mlp  # noqa: E402
 from applications.sparsify.network import GatedNetwork  # noqa: E402
 
@@ -266,6 +267,44 @@ def run_model(model: str, rounds: int, warmup: int, batch: int, fused: bool, see
     return rows
 
 
+def steady_state(steps: int, batch: int, fused: bool, seed: int, block: int = 50,
+                 log: bool = True) -> list[dict[str, Any]]:
+    """Dense and L0-ARM (MLP, 80% of units off) after ``steps`` consecutive steps, with the
+    CPU flushing subnormal floats to zero and without.
+
+    The interleaved rounds of :func:`run_model` take about 200 steps per variant, too few
+    for the Adam moments of pruned weights to decay into the subnormal range (about 700
+    steps), where training spends most of its time. Here each pair of networks steps in
+    alternating blocks of ``block`` steps; the per-step median over the last quarter of
+    the steps is reported.
+    """
+    specs = {spec["name"]: spec for spec in variants("mlp")}
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 1, 28, 28, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    rows = []
+    for flush in (False, True):
+        with flush_denormals(flush):
+            built = {name: build("mlp", specs[name], fused, seed)
+                     for name in ("dense", "L0-ARM sparse")}
+            times: dict[str, list[float]] = {name: [] for name in built}
+            for start in range(0, steps, block):
+                for name, (objective, opt) in built.items():
+                    for i in range(start, min(start + block, steps)):
+                        t0 = time.thread_time()
+                        step(objective, opt, x, y)
+                        if i >= steps - steps // 4:
+                            times[name].append(time.thread_time() - t0)
+        dense = statistics.median(times["dense"])
+        for name, ts in times.items():
+            rows.append({"variant": name, "flush_denormals": flush, "steps": steps,
+                         "cpu_ms": 1e3 * statistics.median(ts),
+                         "ratio_cpu": statistics.median(ts) / dense})
+        if log:
+            print(f"  steady state, flush={flush}: done", file=sys.stderr)
+    return rows
+
+
 def _iqr_ms(values: list[float]) -> float:
     q = statistics.quantiles(values, n=4)
     return 1e3 * (q[2] - q[0])
@@ -298,19 +337,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-fused", action="store_true",
                         help="use the default (per-tensor) Adam instead of fused=True")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steady-steps", type=int, default=1200,
+                        help="consecutive steps of the subnormal check (0: skip it)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/train_step_cpu.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     started = time.time()
     rows: list[dict[str, Any]] = []
-    for model in args.models:
-        rounds = args.rounds or DEFAULT_ROUNDS[model]
-        rows += run_model(model, rounds, args.warmup, args.batch, not args.no_fused, args.seed)
+    with flush_denormals():  # as in training (applications/sparsify/denormals.py)
+        for model in args.models:
+            rounds = args.rounds or DEFAULT_ROUNDS[model]
+            rows += run_model(model, rounds, args.warmup, args.batch, not args.no_fused,
+                              args.seed)
+    steady = []
+    if args.steady_steps > 0 and "mlp" in args.models:
+        steady = steady_state(args.steady_steps, args.batch, not args.no_fused, args.seed)
     print_table(rows)
+    for r in steady:
+        print(f"steady state after {r['steps']} steps, flush subnormals={r['flush_denormals']!s:5s}"
+              f" {r['variant']:14s} {r['cpu_ms']:7.3f} ms  x dense {r['ratio_cpu']:.3f}")
     result = {
         "benchmark": "train_step_cpu",
         "rows": rows,
+        "steady_state": steady,
         "bars": {f"{m}/{s}": b for (m, s), b in BARS.items()},
         "settings": {
             "batch": args.batch,
@@ -319,6 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "torch_threads": torch.get_num_threads(),
             "optimizer": "Adam(lr=1e-3" + (")" if args.no_fused else ", fused=True)"),
             "seed": args.seed,
+            "flush_denormals": True,
         },
         "machine": {
             "torch": torch.__version__,

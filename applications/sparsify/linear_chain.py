@@ -53,6 +53,8 @@ __all__ = ["SlicedLinearChain"]
 #: each, where one multiply-add costs about 0.015 ns on one core).
 SHARED_FIRST_LAYER_MACS = 30_000
 
+_NUMPY_FLOAT = {torch.float32: np.float32, torch.float64: np.float64}
+
 #: Blocks of at most this many weights are gathered and scattered through one flat index;
 #: larger ones by rows then columns, which needs no index as large as the block.
 FLAT_INDEX_LIMIT = 16_384
@@ -98,14 +100,16 @@ class _Plan:
     A layer stores the union of the samples' active input units (gathered), or all its
     inputs when the union covers at least :data:`~.layers.DENSE_FRACTION` of them
     (gathering most of a weight matrix costs more than multiplying a few zero columns).
-    ``off[i][s]`` lists the stored positions that sample ``s`` gates off; they are zeroed
-    in that sample's copy of the input.
+    ``masks[i][s]`` zeroes the stored positions that sample ``s`` gates off in that
+    sample's copy of the input.
     """
 
     samples: int
     cols: list[np.ndarray | None]        # stored input units (None: all)
-    off: list[list[np.ndarray] | None]   # per sample, stored positions gated off (None:
-                                         # every sample keeps every stored position)
+    off: list                            # first layer: per sample, stored positions gated
+                                         # off (None: every sample keeps every one); other
+                                         # layers: (positions, which samples keep them)
+    masks: list[torch.Tensor | None]     # (S, 1, stored) 0/1 per sample (None: all ones)
     shared_off: np.ndarray | None = None  # split first layer: positions off in SOME sample
     extra: list[np.ndarray] | None = None  # split first layer: each sample's positions
                                            # that some other sample gates off
@@ -170,35 +174,53 @@ class SlicedLinearChain:
             return None
         return cls(layers, names, flatten)
 
-    def plan(self, masks: Mapping[str, np.ndarray]) -> _Plan:
-        """Index bookkeeping of one step: masks are gate name -> ``(S, in)`` booleans."""
+    def plan(self, masks: Mapping[str, np.ndarray], dtype: torch.dtype = torch.float32) -> _Plan:
+        """Index bookkeeping of one step: masks are gate name -> ``(S, in)`` booleans;
+        ``dtype`` is that of the activations (for the per-sample masks)."""
         s_all = next(iter(masks.values())).shape[0]
-        plan = _Plan(s_all, [], [])
+        plan = _Plan(s_all, [], [], [])
+        np_dtype = _NUMPY_FLOAT.get(dtype)
         for name in self.names:
             if name is None:
                 plan.cols.append(None)
                 plan.off.append(None)
+                plan.masks.append(None)
                 continue
             m = masks[name]
-            union = m.any(0)
-            u = np.flatnonzero(union)
-            if len(u) >= DENSE_FRACTION * len(union):
-                u, mu = None, m
+            if s_all == 2:  # (ARM's pair: two elementwise operations beat two reductions)
+                union, every = m[0] | m[1], m[0] & m[1]
             else:
-                mu = m[:, u]
+                union, every = m.any(0), m.all(0)
+            u = union.nonzero()[0]  # np.flatnonzero, without its wrappers
+            if len(u) >= DENSE_FRACTION * len(union):
+                u = None  # all units stored: those off in every sample are zeroed too
+                units = (~every).nonzero()[0]
+                positions = units
+            else:
+                units = (union ^ every).nonzero()[0]  # kept by some samples, not all
+                positions = np.searchsorted(u, units)
             plan.cols.append(u)
-            plan.off.append(None if mu.all() else [np.flatnonzero(~row) for row in mu])
+            if len(units) == 0:
+                plan.off.append(None)
+                plan.masks.append(None)
+                continue
+            keep = m[:, units]  # (S, positions): which samples keep them
+            plan.off.append((positions, keep))
+            mask = np.ones((s_all, 1, len(union) if u is None else len(u)),
+                           dtype=np_dtype or bool)
+            for row, k in zip(mask, keep):
+                row[0, positions[~k]] = 0
+            plan.masks.append(_index(mask) if np_dtype is not None else _index(mask).to(dtype))
         if plan.off[0] is not None:
+            positions, keep = plan.off[0]
+            plan.off[0] = [positions[~k] for k in keep]
             first = self.layers[0]
             width = first.in_features if plan.cols[0] is None else len(plan.cols[0])
             rows = first.out_features if len(self.layers) == 1 or plan.cols[1] is None else len(
                 plan.cols[1])
             if width * rows > SHARED_FIRST_LAYER_MACS:
-                m0 = masks[self.names[0]]
-                mu = m0 if plan.cols[0] is None else m0[:, plan.cols[0]]
-                every = mu.all(0)
-                plan.shared_off = np.flatnonzero(~every)
-                plan.extra = [np.flatnonzero(row & ~every) for row in mu]
+                plan.shared_off = positions
+                plan.extra = [positions[k] for k in keep]
         return plan
 
     def losses(
@@ -222,18 +244,19 @@ class SlicedLinearChain:
         The losses carry the gradient of the LAST sample's loss to every weight and bias,
         scaled by the sum of the gradients flowing into the ``S`` losses.
         """
-        plan = self.plan(masks)
-        params: list[torch.Tensor] = []
-        for layer in self.layers:
-            params.append(layer.weight)
-            if layer.bias is not None:
-                params.append(layer.bias)
+        plan = self.plan(masks, x.dtype)
+        params = []
+        for layer in self.layers:  # the parameter dicts: nn.Module.__getattr__ is slow
+            p = layer._parameters
+            params.append(p["weight"])
+            if p.get("bias") is not None:
+                params.append(p["bias"])
         return _ChainLosses.apply(self, plan, loss_fn, x, y, *params)
 
     # ------------------------------------------------------------------ internals
     def _params(self, flat: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         it = iter(flat)
-        return [(next(it), next(it) if layer.bias is not None else None)
+        return [(next(it), next(it) if layer._parameters.get("bias") is not None else None)
                 for layer in self.layers]
 
     def _first_layer_split(self, h: torch.Tensor, plan: _Plan, w, b, rows) -> torch.Tensor:
@@ -277,13 +300,10 @@ class SlicedLinearChain:
                 if i == last and transpose_out:
                     a = a.t().contiguous()
             else:
-                off = plan.off[i]
-                if off is not None:
-                    if not stacked:  # the samples part ways here
-                        h, stacked = torch.cat([h] * plan.samples), True
-                    for s, o in enumerate(off):
-                        if len(o):
-                            h[s * batch:(s + 1) * batch].index_fill_(1, _index(o), 0)
+                mask = plan.masks[i]
+                if mask is not None:  # (the samples part ways here if not before)
+                    n = h.shape[1]
+                    h, stacked = (h.reshape(-1, batch, n) * mask).view(-1, n), True
                 flat = _flat_index(rows, plan.cols[i], w.shape[1])
                 wb = _block(w, rows, plan.cols[i], flat)
                 inputs.append((h, wb, flat))
@@ -292,15 +312,14 @@ class SlicedLinearChain:
                     a = wb.mm(h.t()) if bb is None else torch.addmm(bb.unsqueeze(1), wb, h.t())
                 else:
                     a = F.linear(h, wb, bb)
-            h = a if i == last else torch.relu(a)
+            h = a if i == last else a.relu_()
         return h, inputs, stacked
 
 
 def _is_cross_entropy(loss_fn: Callable, y: torch.Tensor) -> bool:
-    """Whether the loss is plain cross-entropy on valid class indices (its gradient is then
-    written directly instead of taken by autograd)."""
-    return (loss_fn is F.cross_entropy and y.dtype == torch.int64 and y.dim() == 1
-            and y.numel() > 0 and int(y.min()) >= 0)
+    """Whether the loss is plain cross-entropy on class indices (its gradient is then
+    written directly instead of taken by autograd, unless a label is out of range)."""
+    return loss_fn is F.cross_entropy and y.dtype == torch.int64 and y.dim() == 1
 
 
 class _ChainLosses(torch.autograd.Function):
@@ -308,10 +327,11 @@ class _ChainLosses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, chain: SlicedLinearChain, plan: _Plan, loss_fn, x, y, *flat_params):
+        ctx.set_materialize_grads(False)  # the logits take no gradient: no zeros for them
         if chain.flatten:
             x = x.flatten(1)
         params = chain._params(flat_params)
-        fast = ctx.fast_ce = _is_cross_entropy(loss_fn, y)
+        fast = _is_cross_entropy(loss_fn, y)
         # plain cross-entropy works on the transposed outputs: log-softmax over a short
         # leading dimension is several times faster than over a short last one
         out, inputs, stacked = chain._forward(x, plan, params, transpose_out=fast)
@@ -319,36 +339,43 @@ class _ChainLosses(torch.autograd.Function):
         ys = torch.cat([y] * s_all) if stacked else y
         if fast:
             logp = F.log_softmax(out, 0)
-            nll = logp.gather(0, ys.unsqueeze(0)).view(-1, batch).mean(1).neg()
-            values = nll if stacked else nll.expand(s_all)
-            ctx.logp, ctx.y = logp[:, -batch:], y
+            try:
+                picked_index = ys.unsqueeze(0)
+                picked = logp.gather(0, picked_index)
+            except (RuntimeError, IndexError):  # a label out of range, e.g. ignore_index
+                fast, out = False, out.t()      # -100: F.cross_entropy knows what to do
+        if fast:
+            nll = picked.view(-1, batch).sum(1).mul_(-1.0 / batch)
+            values = nll if stacked else nll.repeat(s_all)
+            ctx.logp, ctx.y_row = logp[:, -batch:], picked_index[:, -batch:]
             logits = out[:, -batch:].t()
         else:
             with torch.enable_grad():  # the loss's own graph, for its gradient in backward
                 ctx.leaf = out.detach().requires_grad_()
                 per = loss_fn(ctx.leaf, ys, reduction="none").view(-1, batch).mean(1)
                 ctx.last_loss = per[-1]
-            values = per.detach() if stacked else per.detach().expand(s_all)
+            values = per.detach() if stacked else per.detach().repeat(s_all)
             logits = out[-batch:]
+        ctx.fast_ce = fast
         ctx.chain, ctx.plan, ctx.x, ctx.inputs, ctx.params = chain, plan, x, inputs, params
         ctx.mark_non_differentiable(logits)
-        return values.clone(), logits
+        return values, logits
 
     @staticmethod
     def backward(ctx, grad_values, _grad_logits):
         chain, plan, params = ctx.chain, ctx.plan, ctx.params
         need = ctx.needs_input_grad[5:]
         grads: list[torch.Tensor | None] = [None] * len(need)
-        if any(need):
-            total = grad_values.sum()
+        if grad_values is not None and any(need):
             transposed = ctx.fast_ce
             if transposed:  # d mean CE / d logits = (softmax - onehot) / B, transposed
                 g = ctx.logp.exp()
                 batch = g.shape[1]
-                g.scatter_add_(0, ctx.y.unsqueeze(0), g.new_full((1, batch), -1.0))
-                g = g.mul_(total / batch)
+                minus_one, scale = _ce_constants(grad_values.shape[0], batch, g.dtype)
+                g.scatter_add_(0, ctx.y_row, minus_one)
+                g = g.mul_(torch.dot(grad_values, scale))  # sum of the gradients / B
             else:
-                (g,) = torch.autograd.grad(ctx.last_loss, ctx.leaf, total)
+                (g,) = torch.autograd.grad(ctx.last_loss, ctx.leaf, grad_values.sum())
                 batch = ctx.x.shape[0]
                 g = g[-batch:]
             last = len(chain.layers) - 1
@@ -370,13 +397,29 @@ class _ChainLosses(torch.autograd.Function):
                 if i:
                     # relu's derivative read off its output with the gates applied: a unit
                     # gated off in the last sample or below zero passes no gradient
-                    g = torch.ops.aten.threshold_backward(gt.t().mm(wb), h, 0)
+                    g = torch.ops.aten.threshold_backward(
+                        g.t().mm(wb) if transposed else g.mm(wb), h, 0)
                     transposed = False
             flat_grads = []
             for (gw, gb), layer in zip(reversed(per_layer), chain.layers):
                 flat_grads.append(gw)
-                if layer.bias is not None:
+                if layer._parameters.get("bias") is not None:
                     flat_grads.append(gb)
             grads = [gr if n else None for gr, n in zip(flat_grads, need)]
         ctx.x = ctx.inputs = ctx.params = ctx.logp = ctx.leaf = ctx.last_loss = None
         return (None, None, None, None, None, *grads)
+
+
+_CE_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _ce_constants(samples: int, batch: int, dtype: torch.dtype):
+    """``-1`` of shape ``(1, batch)`` and ``1 / batch`` of shape ``(samples,)`` (read only),
+    kept between steps: two tensor constructions less in every backward pass."""
+    key = (samples, batch, dtype)
+    if key not in _CE_CONSTANTS:
+        if len(_CE_CONSTANTS) > 64:
+            _CE_CONSTANTS.clear()
+        _CE_CONSTANTS[key] = (torch.full((1, batch), -1.0, dtype=dtype),
+                              torch.full((samples,), 1.0 / batch, dtype=dtype))
+    return _CE_CONSTANTS[key]

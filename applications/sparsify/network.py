@@ -38,6 +38,7 @@ from torch import nn
 
 import binopt
 from binopt.estimators import ARM, REINFORCELOO, DisARM, Exact, GumbelSigmoid, HardConcrete
+from binopt.parameterizations import HardSigmoid, Parameterization, ScaledSigmoid, Sigmoid
 
 from .layers import (
     POOLING,
@@ -167,8 +168,11 @@ class GatedNetwork(nn.Module):
         # the gated layers are fixed at construction (lam, the estimator hand-off and the
         # BatchNorm list above rely on it too); cached for the per-step hot path
         self._gated = layers
+        self._gates = [layer.gate for layer in layers.values()]
         self._sizes = [layer.gate.num_units for layer in layers.values()]
         self._ends = np.cumsum(self._sizes)[:-1]  # where the flat gate sample splits
+        starts = [0, *self._ends.tolist()]
+        self._slices = [slice(a, a + n) for a, n in zip(starts, self._sizes)]
 
     # ------------------------------------------------------------------ options
     def _check_conditional(self, conditional: bool | str) -> bool | str:
@@ -287,7 +291,7 @@ class GatedNetwork(nn.Module):
         # All gates in one flat tensor: the estimator then samples and builds its
         # surrogate with a handful of operations instead of a handful per layer.
         names, sizes = list(layers), self._sizes
-        flat = torch.cat([layer.gate.logits() for layer in layers.values()]) if names else None
+        flat = self._flat_logits() if names else None
         chain = self._linear_chain if (
             conditional and x.device.type == "cpu" and not self.estimator.reparameterized
             and not _cpu_autocast()) else None
@@ -297,8 +301,9 @@ class GatedNetwork(nn.Module):
                     and zflat.dtype in (torch.float32, torch.float64)
                     and (last_only or zflat.shape[0] == 1)):
                 # an MLP: the whole sliced pass as one autograd node (linear_chain.py)
-                zn = np.split(zflat.detach().numpy() != 0, self._ends, axis=1)
-                values, logits = chain.losses(x, y, dict(zip(names, zn)), loss_fn)
+                zn = zflat.detach().numpy() != 0
+                masks = {n: zn[:, sl] for n, sl in zip(names, self._slices)}
+                values, logits = chain.losses(x, y, masks, loss_fn)
                 last_out.append(logits)
                 return values
             z = dict(zip(names, zflat.split(sizes, 1))) if zflat is not None else {}
@@ -331,15 +336,20 @@ class GatedNetwork(nn.Module):
             logits=last_out[-1],
         )
 
+    def _flat_logits(self) -> torch.Tensor:
+        """The logits of all gated layers, concatenated."""
+        gates = self._gates
+        shared = _shared_parameterization([g.parameterization for g in gates])
+        if shared is not None:  # one elementwise transform for all layers, not one each
+            # (the parameter dicts: nn.Module.__getattr__ costs a microsecond a call)
+            return shared.logits(torch.cat([g._parameters["phi"] for g in gates]))
+        return torch.cat([g.logits() for g in gates])
+
     def _flat_penalty(self, flat: torch.Tensor, layers: Mapping[str, L0Layer]) -> torch.Tensor:
         """:meth:`penalty` from the concatenated logits of all gated layers."""
-        key = (
-            tuple(self.lam[n] for n in layers),
-            tuple((layer.gate.num_units, layer.gate.group_size) for layer in layers.values()),
-            self.num_train,
-            flat.device,
-            flat.dtype,
-        )
+        # the gated layers (hence units and group sizes) are fixed at construction
+        key = (tuple(map(self.lam.__getitem__, layers)), self.num_train, flat.device,
+               flat.dtype)
         if self._penalty_weights is None or self._penalty_weights[0] != key:
             per_unit = [
                 torch.full(
@@ -352,7 +362,7 @@ class GatedNetwork(nn.Module):
             self._penalty_weights = (key, torch.cat(per_unit).to(flat.device))
         if not any(key[0]):
             return flat.new_zeros(())
-        return (self.estimator.prob_nonzero(flat) * self._penalty_weights[1]).sum()
+        return torch.dot(self.estimator.prob_nonzero(flat), self._penalty_weights[1])
 
     def _sample_outputs(
         self,
@@ -373,7 +383,8 @@ class GatedNetwork(nn.Module):
         if sliced and next(iter(z.values())).dtype in (torch.float32, torch.float64):
             info = PassInfo(s, last_only, binary=not self.estimator.reparameterized)
             if zflat is not None:
-                zn = dict(zip(self._gated, np.split(zflat.detach().numpy(), self._ends, axis=1)))
+                zf = zflat.detach().numpy()
+                zn = {n: zf[:, sl] for n, sl in zip(self._gated, self._slices)}
             else:
                 zn = {name: v.detach().numpy() for name, v in z.items()}
             return _run_chain(self._chain, x, z, zn, info)
@@ -434,6 +445,23 @@ class GatedNetwork(nn.Module):
 
 
 # ---------------------------------------------------------------------- helpers
+#: Parameterizations that act elementwise and are fully described by their type and ``k``.
+_ELEMENTWISE = (Sigmoid, ScaledSigmoid, HardSigmoid)
+
+
+def _shared_parameterization(params: list[Parameterization]) -> Parameterization | None:
+    """The parameterization when all of ``params`` compute the same elementwise map, else
+    ``None`` (a user callable may not be elementwise)."""
+    first = params[0]
+    if type(first) not in _ELEMENTWISE:
+        return None
+    k = getattr(first, "k", None)
+    for p in params[1:]:
+        if type(p) is not type(first) or getattr(p, "k", None) != k:
+            return None
+    return first
+
+
 def _cpu_autocast() -> bool:
     """Whether CPU autocast is on (the fused MLP pass then steps aside)."""
     try:

@@ -60,6 +60,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import binopt
 from applications.errors import UserError
 
+from .denormals import flush_denormals
 from .distributed import (
     DistributedContext,
     ShardedBatchSampler,
@@ -1187,8 +1188,10 @@ def train(config: TrainConfig, *,
     t_start = time.perf_counter()
     previous_ctx, _CTX = _CTX, ctx
     try:
-        return _train(config, device, out, epoch_callback, t_start, dense_only=_dense_only,
-                      user_module=module, user_data=data)
+        # pruned units' Adam moments decay through the subnormal range (denormals.py)
+        with flush_denormals(device.type == "cpu"):
+            return _train(config, device, out, epoch_callback, t_start, dense_only=_dense_only,
+                          user_module=module, user_data=data)
     finally:
         _CTX = previous_ctx
         if config.num_threads is not None:

@@ -286,6 +286,50 @@ def test_exact_expectation_by_hand():
     )
 
 
+@pytest.mark.parametrize("name", ["arm", "disarm"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_antithetic_pair_estimates_by_hand(name, n):
+    """ARM and DisARM from their formulas (DESIGN.md 2), with the uniforms the estimator
+    draws: the coefficients are computed in a hand-written backward pass."""
+    logits = torch.tensor([-1.5, -0.2, 0.0, 0.7, 2.0], dtype=torch.float64)
+    w = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0], dtype=torch.float64)
+
+    def f(z):
+        return (z * w).sum(-1) + 0.7 * z[:, 0] * z[:, 3]
+
+    got = make(name, seed=11).grad(f, logits, num_samples=n)
+    u = torch.rand((n, 5), generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    p = torch.sigmoid(logits)
+    z1, z2 = (u > 1 - p).double(), (u < p).double()
+    f1, f2 = f(z1)[:, None], f(z2)[:, None]
+    if name == "arm":
+        expected = (f1 - f2) * (u - 0.5)
+    else:  # b = z2, b~ = z1
+        expected = (0.5 * (f2 - f1) * (1 - 2 * z1) * (z2 != z1).double()
+                    * torch.sigmoid(logits.abs()))
+    torch.testing.assert_close(got, expected)
+    # and the surrogate's value is the mean of both samples' values
+    value = make(name, seed=11).surrogate(f, logits.clone().requires_grad_(), n)
+    assert value.item() == pytest.approx(float(torch.cat([f1, f2]).mean()))
+
+
+def test_attach_gradient_sets_gradients_and_keeps_the_value():
+    theta = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    value = torch.stack([theta ** 2, 3 * theta])  # (N,) = (2,)
+    a = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(2, 4, dtype=torch.float64, requires_grad=True)
+    coef_a = torch.arange(6, dtype=torch.float64).view(2, 3)
+    coef_b = torch.tensor([[1.0], [-2.0]], dtype=torch.float64)  # broadcast over 4 units
+    out = base_module.attach_gradient(value, [coef_a, coef_b], [a, b])
+    torch.testing.assert_close(out, value.detach())
+    (out * torch.tensor([1.0, 10.0], dtype=torch.float64)).sum().backward()
+    torch.testing.assert_close(a.grad, coef_a * torch.tensor([[1.0], [10.0]],
+                                                             dtype=torch.float64))
+    torch.testing.assert_close(b.grad, torch.tensor([[1.0], [-20.0]],
+                                                    dtype=torch.float64).expand(2, 4))
+    assert theta.grad.item() == pytest.approx(2 * 2.0 + 10 * 3)
+
+
 # ------------------------------------------------------------------- gates and samples
 def test_hard_concrete_gates_by_hand():
     est = binopt.HardConcrete()

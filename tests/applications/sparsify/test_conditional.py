@@ -176,7 +176,7 @@ def test_last_sample_weight_gradient(model):
     net = GatedNetwork(copy.deepcopy(module), "arm", lam=0.0, conditional=True,
                        generator=torch.Generator().manual_seed(7))
     seen = {}
-    original = net.estimator._pair
+    original = net.estimator._estimate
     layers = net.gated_layers()
 
     def spy(call_f, alphas):  # the gate samples the estimator hands to f
@@ -188,7 +188,7 @@ def test_last_sample_weight_gradient(model):
 
         return original(call, alphas)
 
-    net.estimator._pair = spy
+    net.estimator._estimate = spy
     net.objective(x, y).loss.backward()
     assert seen
     got = {
@@ -269,9 +269,12 @@ def test_train_step_benchmark_runs(tmp_path, load_benchmark):
     torch.set_default_dtype(torch.float32)
     bench = load_benchmark("train_step")
     out = tmp_path / "ts.json"
-    result = bench.main(["--models", "mlp", "--rounds", "2", "--warmup", "0", "--out", str(out)])
+    result = bench.main(["--models", "mlp", "--rounds", "2", "--warmup", "0",
+                         "--steady-steps", "8", "--out", str(out)])
     assert out.exists() and {r["variant"] for r in result["rows"]} >= {"dense", "L0-ARM open"}
     assert result["settings"]["torch_threads"] == 1
+    steady = {(r["variant"], r["flush_denormals"]) for r in result["steady_state"]}
+    assert steady == {(v, f) for v in ("dense", "L0-ARM sparse") for f in (False, True)}
 
 
 def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path, load_benchmark):
