@@ -188,6 +188,31 @@ def test_other_losses_and_ignored_labels_take_the_autograd_path():
     _assert_same_step(module, x, y_ignored)
 
 
+def test_labels_out_of_range_fail_as_cross_entropy_does():
+    torch.manual_seed(4)
+    module = mlp((16, 10, 4))
+    _set_probs(GatedNetwork(module), _mixed(5))
+    x, y = _data(8, (16,), 4)
+    y[2] = 4  # four classes: 0..3
+    errors = []
+    for conditional in (True, False):
+        with pytest.raises((IndexError, RuntimeError)) as info:
+            _step(module, x, y, conditional=conditional)
+        errors.append(type(info.value))
+    assert errors[0] is errors[1]
+
+
+def test_masks_in_other_dtypes():
+    chain = SlicedLinearChain.from_module(mlp((6, 4, 3)))
+    masks = {"1": np.array([[1, 0, 1, 1, 1, 1], [1, 1, 0, 1, 1, 1]], dtype=bool),
+             "3": np.ones((2, 4), dtype=bool)}
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        plan = chain.plan(masks, dtype)
+        assert plan.masks[0].dtype == dtype and plan.masks[1] is None
+        torch.testing.assert_close(plan.masks[0].squeeze(1).float(),
+                                   torch.from_numpy(masks["1"]).float())
+
+
 def test_single_sample_and_many_sample_estimators():
     torch.manual_seed(5)
     module = mlp((16, 10, 4))
