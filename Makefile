@@ -6,7 +6,7 @@ setup:
 	bash scripts/setup.sh
 
 run: setup
-	.venv/bin/binopt sparsify --model mlp --dataset mnist5k --estimator arm --lam 0.04 --gate-lr 0.01 --epochs 100 --threads 1 --baseline dense --out runs/quickstart
+	.venv/bin/binopt sparsify --model mlp --dataset mnist5k --estimator arm --lam 0.02 --gate-lr 0.007 --epochs 200 --threads 1 --baseline dense --out runs/quickstart
 
 test: setup
 	.venv/bin/python -m pytest -q -p no:cacheprovider
