@@ -106,10 +106,9 @@ class _Plan:
 
     samples: int
     cols: list[np.ndarray | None]        # stored input units (None: all)
-    off: list                            # first layer: per sample, stored positions gated
-                                         # off (None: every sample keeps every one); other
-                                         # layers: (positions, which samples keep them)
     masks: list[torch.Tensor | None]     # (S, 1, stored) 0/1 per sample (None: all ones)
+    first_off: list[np.ndarray] | None = None  # first layer: per sample, stored positions
+                                               # gated off (None: none in any sample)
     shared_off: np.ndarray | None = None  # split first layer: positions off in SOME sample
     extra: list[np.ndarray] | None = None  # split first layer: each sample's positions
                                            # that some other sample gates off
@@ -178,12 +177,12 @@ class SlicedLinearChain:
         """Index bookkeeping of one step: masks are gate name -> ``(S, in)`` booleans;
         ``dtype`` is that of the activations (for the per-sample masks)."""
         s_all = next(iter(masks.values())).shape[0]
-        plan = _Plan(s_all, [], [], [])
+        plan = _Plan(s_all, [], [])
+        first_keep = None
         np_dtype = _NUMPY_FLOAT.get(dtype)
         for name in self.names:
             if name is None:
                 plan.cols.append(None)
-                plan.off.append(None)
                 plan.masks.append(None)
                 continue
             m = masks[name]
@@ -201,19 +200,19 @@ class SlicedLinearChain:
                 positions = np.searchsorted(u, units)
             plan.cols.append(u)
             if len(units) == 0:
-                plan.off.append(None)
                 plan.masks.append(None)
                 continue
             keep = m[:, units]  # (S, positions): which samples keep them
-            plan.off.append((positions, keep))
+            if len(plan.cols) == 1:
+                first_keep = positions, keep
             mask = np.ones((s_all, 1, len(union) if u is None else len(u)),
                            dtype=np_dtype or bool)
             for row, k in zip(mask, keep):
                 row[0, positions[~k]] = 0
             plan.masks.append(_index(mask) if np_dtype is not None else _index(mask).to(dtype))
-        if plan.off[0] is not None:
-            positions, keep = plan.off[0]
-            plan.off[0] = [positions[~k] for k in keep]
+        if first_keep is not None:
+            positions, keep = first_keep
+            plan.first_off = [positions[~k] for k in keep]
             first = self.layers[0]
             width = first.in_features if plan.cols[0] is None else len(plan.cols[0])
             rows = first.out_features if len(self.layers) == 1 or plan.cols[1] is None else len(
@@ -386,7 +385,7 @@ class _ChainLosses(torch.autograd.Function):
                 h, wb, flat = ctx.inputs[i]
                 cols = plan.cols[i]
                 if i == 0 and plan.extra is not None:  # split: the last sample's input
-                    h = h.clone().index_fill_(1, _index(plan.off[0][-1]), 0)
+                    h = h.clone().index_fill_(1, _index(plan.first_off[-1]), 0)
                     flat = _flat_index(rows, cols, w.shape[1])
                 elif h.shape[0] != batch:
                     h = h[-batch:]
