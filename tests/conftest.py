@@ -66,6 +66,24 @@ def _single_torch_thread(request):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP oversubscription on a busy 2-core machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def float64():
+    """float64 as the default dtype, for comparisons to rounding (``1e-9``)."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(dtype)
+
+
+@pytest.fixture
 def load_benchmark():
     """``load_benchmark(name)`` imports ``benchmarks/<name>.py`` (scripts, not a package)."""
     import importlib.util

@@ -7,7 +7,7 @@ step, so after about 700-900 steps those moments are subnormal numbers (below ab
 the decay again. x86 CPUs handle subnormal operands in microcode, tens of times slower than
 normal ones, so the optimizer step of a thinned network slows down just when it should be
 cheapest. On this project's CPU an L0-ARM step of the MLP with 80% of its units off took
-1.14x the dense step after 1,200 steps instead of 0.89x (``docs/sparsify/performance.md``).
+1.37x the dense step after 1,200 steps instead of 0.87x (``docs/sparsify/performance.md``).
 
 Flush-to-zero mode (``torch.set_flush_denormal``) treats such values as zero. It changes
 results only below the smallest normal float, where the values are far beneath any

@@ -53,18 +53,21 @@ from .layers import (
 )
 from .linear_chain import SlicedLinearChain
 
-#: Modules a sliced chain passes through unit by unit: each maps a zero unit to zero and
-#: treats every channel/feature (and every example) on its own.
-ZERO_PRESERVING: tuple[type[nn.Module], ...] = (
+#: Modules between two linear layers through which a layer may skip the outputs that the
+#: next layer gates off (look-ahead): they act on every feature on its own.
+ELEMENTWISE: tuple[type[nn.Module], ...] = (
     nn.ReLU,
     nn.ReLU6,
     nn.LeakyReLU,
     nn.ELU,
     nn.GELU,
     nn.Tanh,
-    *POOLING,
     nn.Identity,
 )
+
+#: Modules a sliced chain passes through unit by unit: each maps a zero unit to zero and
+#: treats every channel/feature (and every example) on its own.
+ZERO_PRESERVING: tuple[type[nn.Module], ...] = (*ELEMENTWISE, *POOLING)
 
 
 @dataclass
@@ -170,9 +173,8 @@ class GatedNetwork(nn.Module):
         self._gated = layers
         self._gates = [layer.gate for layer in layers.values()]
         self._sizes = [layer.gate.num_units for layer in layers.values()]
-        self._ends = np.cumsum(self._sizes)[:-1]  # where the flat gate sample splits
-        starts = [0, *self._ends.tolist()]
-        self._slices = [slice(a, a + n) for a, n in zip(starts, self._sizes)]
+        ends = np.cumsum(self._sizes).tolist()  # each layer's part of a flat gate sample
+        self._slices = [slice(e - n, e) for e, n in zip(ends, self._sizes)]
 
     # ------------------------------------------------------------------ options
     def _check_conditional(self, conditional: bool | str) -> bool | str:
@@ -446,14 +448,14 @@ class GatedNetwork(nn.Module):
 
 # ---------------------------------------------------------------------- helpers
 #: Parameterizations that act elementwise and are fully described by their type and ``k``.
-_ELEMENTWISE = (Sigmoid, ScaledSigmoid, HardSigmoid)
+_ELEMENTWISE_PARAMETERIZATIONS = (Sigmoid, ScaledSigmoid, HardSigmoid)
 
 
 def _shared_parameterization(params: list[Parameterization]) -> Parameterization | None:
     """The parameterization when all of ``params`` compute the same elementwise map, else
     ``None`` (a user callable may not be elementwise)."""
     first = params[0]
-    if type(first) not in _ELEMENTWISE:
+    if type(first) not in _ELEMENTWISE_PARAMETERIZATIONS:
         return None
     k = getattr(first, "k", None)
     for p in params[1:]:
@@ -512,17 +514,6 @@ def _active_units(
     return [dict(zip(names, flat_idx[i * n : (i + 1) * n])) for i in range(len(groups))]
 
 
-#: Modules between two linear layers through which a layer may skip the outputs that the
-#: next layer gates off (look-ahead): they act on every feature on its own.
-ELEMENTWISE: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.GELU,
-    nn.Tanh,
-    nn.Identity,
-)
 
 _Step = tuple[str, "str | None", nn.Module, "str | None"]
 

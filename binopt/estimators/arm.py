@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from .base import Estimator, register_estimator
+from .base import Estimator, attach_gradient, register_estimator
 
 
 class _AntitheticPair(Estimator):
@@ -32,44 +32,17 @@ class _AntitheticPair(Estimator):
         for uk, a in zip(u, alphas):
             p = torch.sigmoid(a.detach())
             samples.append(torch.cat([uk > 1 - p, uk < p]).to(a.dtype))  # z1, z2
-        values = call_f(samples)
-        return _PairSurrogate.apply(values, self._coefficients, len(alphas), *u, *alphas)
+        pair = call_f(samples).reshape(2, -1)
+        diff = (pair[0] - pair[1]).detach()  # f(z1) - f(z2), one per estimate
+        coef = [self._coefficients(diff.reshape((-1,) + (1,) * (a.dim() - 1)), uk, a.detach())
+                for uk, a in zip(u, alphas)]
+        return attach_gradient(pair.mean(0), coef, alphas)
 
     @staticmethod
     def _coefficients(diff: torch.Tensor, u: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         """Gradient w.r.t. ``alpha`` (shape ``(N, *shape)``) given ``diff = f(z1) - f(z2)``
-        (shape ``(N,)``, already times the incoming gradient) and the uniforms ``u``."""
+        (broadcast against it) and the uniforms ``u``."""
         raise NotImplementedError
-
-
-class _PairSurrogate(torch.autograd.Function):
-    """The mean of ``f(z1)`` and ``f(z2)`` as one autograd node.
-
-    Forward: ``(N,)`` means of the two halves of ``values`` (shape ``(2N,)``, ``z1`` first).
-    Backward: half the incoming gradient to each value (so parameters inside ``f`` get the
-    average of both samples' gradients) and the estimator's coefficient to the logits,
-    computed only then, from the saved uniforms. Writing the same surrogate with
-    ``attach_gradient`` costs about ten more small operations per step.
-    """
-
-    @staticmethod
-    def forward(ctx, values, coefficients, k, *tensors):
-        pair = values.reshape(2, -1)
-        ctx.coefficients, ctx.k = coefficients, k
-        ctx.save_for_backward(pair.detach(), *(t.detach() for t in tensors))
-        return pair.mean(0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pair, *rest = ctx.saved_tensors
-        us, alphas = rest[:ctx.k], rest[ctx.k:]
-        half = 0.5 * grad
-        diff = (pair[0] - pair[1]) * grad
-        coef = []
-        for u, a in zip(us, alphas):
-            lead = diff.reshape((-1,) + (1,) * (a.dim() - 1))
-            coef.append(ctx.coefficients(lead, u, a))
-        return (torch.cat([half, half]), None, None, *([None] * ctx.k), *coef)
 
 
 @register_estimator

@@ -290,7 +290,7 @@ def test_exact_expectation_by_hand():
 @pytest.mark.parametrize("n", [1, 3])
 def test_antithetic_pair_estimates_by_hand(name, n):
     """ARM and DisARM from their formulas (DESIGN.md 2), with the uniforms the estimator
-    draws: the coefficients are computed in a hand-written backward pass."""
+    draws."""
     logits = torch.tensor([-1.5, -0.2, 0.0, 0.7, 2.0], dtype=torch.float64)
     w = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0], dtype=torch.float64)
 

@@ -13,13 +13,7 @@ from applications.sparsify import train as train_mod
 from applications.sparsify.cli import parse_lam
 from applications.sparsify.train import load_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _args(tmp_path, *extra: str) -> list[str]:

@@ -25,14 +25,7 @@ from applications.sparsify.network import GatedNetwork, _chain_plan, conditional
 RTOL = 1e-9
 
 
-@pytest.fixture(autouse=True)
-def _float64_one_thread():
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(dtype)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("float64", "one_thread")
 
 
 def _models() -> dict[str, tuple]:

@@ -22,13 +22,7 @@ from applications.sparsify.network import GatedNetwork
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP oversubscription on a busy 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sigmoid(x: float) -> float:

@@ -18,15 +18,7 @@ from applications.sparsify.layers import (
     flatten_branch,
 )
 
-
-@pytest.fixture(autouse=True)
-def _float64_one_thread():
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(dtype)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("float64", "one_thread")
 
 
 def _gates(s: int, units: int, seed: int, binary: bool = True) -> torch.Tensor:

@@ -29,12 +29,7 @@ from applications.sparsify.network import GatedNetwork
 RTOL, ATOL = 1e-9, 1e-12
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(dtype)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _set_probs(net: GatedNetwork, probs_for) -> None:

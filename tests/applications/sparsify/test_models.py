@@ -10,13 +10,7 @@ from applications.sparsify.layers import L0Conv2d, L0Linear, SampleBatchNorm2d
 from applications.sparsify.models import MODELS, WideResNet, build_model, lenet5_caffe, mlp, to_l0
 from applications.sparsify.network import GatedNetwork
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gates(module: nn.Module) -> dict[str, tuple[int, int]]:
