@@ -100,14 +100,6 @@ def _metrics(path) -> list[dict]:
     return rows
 
 
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_batched_reads_give_the_same_training_run(tmp_path, monkeypatch, one_thread):
     train(_tiny(tmp_path, "every1"))
     monkeypatch.setattr(train_mod, "host_read_interval", lambda device: 3)
