@@ -27,11 +27,22 @@ def flatten(structure: Any, what: str = "logits") -> tuple[list[torch.Tensor], C
         leaves = list(structure)
         _check_leaves(leaves, what, list(range(len(leaves))))
         kind = type(structure)
+        if hasattr(kind, "_fields"):  # a namedtuple takes its fields as arguments
+            return leaves, lambda new: kind(*new)
         return leaves, lambda new: kind(new)
     raise TypeError(
         f"{what} must be a torch.Tensor, a list/tuple of tensors or a dict of tensors; "
         f"got {type(structure).__name__}"
     )
+
+
+def leaf_names(structure: Any, what: str = "logits") -> list[str]:
+    """Names of the leaves of ``structure`` for messages: ``logits``, ``logits[1]``,
+    ``logits['w']``."""
+    if isinstance(structure, torch.Tensor):
+        return [what]
+    keys = list(structure.keys()) if isinstance(structure, Mapping) else range(len(structure))
+    return [f"{what}[{k!r}]" for k in keys]
 
 
 def _check_leaves(leaves: list, what: str, names: list) -> None:

@@ -26,9 +26,13 @@ def validate_args_enabled() -> bool:
     return _VALIDATE_ARGS
 
 
-def check_logits(leaves: list[torch.Tensor], check_values: bool, what: str = "logits") -> None:
+def check_logits(leaves: list[torch.Tensor], check_values: bool, what: str = "logits",
+                 names: list[str] | None = None) -> None:
+    """dtype, device and (``check_values``) finiteness of the logits; ``names`` name the
+    leaves in messages (default ``logits``, ``logits[i]``)."""
     device = leaves[0].device
-    names = [what] if len(leaves) == 1 else [f"{what}[{i}]" for i in range(len(leaves))]
+    if names is None:
+        names = [what] if len(leaves) == 1 else [f"{what}[{i}]" for i in range(len(leaves))]
     # dtype and device of every leaf first: a value check on a leaf from another device
     # (or on a 'meta' tensor, which has no values) would fail with a less helpful error.
     for name, leaf in zip(names, leaves):
@@ -36,7 +40,7 @@ def check_logits(leaves: list[torch.Tensor], check_values: bool, what: str = "lo
             raise TypeError(f"{name} must have a floating-point dtype; got {leaf.dtype}")
         if leaf.device != device:
             raise ValueError(
-                f"all {what} must be on one device; {what}[0] is on {device} "
+                f"all {what} must be on one device; {names[0]} is on {device} "
                 f"but {name} is on {leaf.device}"
             )
     if not check_values or device.type == "meta":

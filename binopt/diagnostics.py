@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ._structure import Structure, flatten
+from ._validation import check_num_samples
 from .estimators import ARM, REINFORCE, REINFORCELOO, DisARM, Estimator, Exact, get_estimator
 from .estimators.exact import all_states
 
@@ -61,22 +62,29 @@ def monte_carlo(
     chunk_size : int
         Estimates computed per vectorized call (bounds memory).
     """
+    check_num_samples(num_samples)
+    check_num_samples(chunk_size, "chunk_size")
     est = get_estimator(estimator)
     leaves, rebuild = flatten(logits)
-    total = [torch.zeros(leaf.shape, dtype=torch.float64, device=leaf.device) for leaf in leaves]
-    total_sq = [t.clone() for t in total]
+    # per-chunk means and centred sums of squares, merged as in Chan, Golub & LeVeque
+    # (1979): sum(g^2) - n m^2 would cancel catastrophically when |mean| >> spread
+    mean = [torch.zeros(leaf.shape, dtype=torch.float64, device=leaf.device) for leaf in leaves]
+    m2 = [m.clone() for m in mean]
     done = 0
     while done < num_samples:
         n = min(chunk_size, num_samples - done)
         g_leaves, _ = flatten(est.grad(f, logits, num_samples=n))
         for k, g in enumerate(g_leaves):
             g = g.double()
-            total[k] += g.sum(0)
-            total_sq[k] += (g * g).sum(0)
+            chunk_mean = g.mean(0)
+            chunk_m2 = ((g - chunk_mean) ** 2).sum(0)
+            delta = chunk_mean - mean[k]
+            total = done + n
+            mean[k] = mean[k] + delta * (n / total)
+            m2[k] = m2[k] + chunk_m2 + delta * delta * (done * n / total)
         done += n
-    mean = [t / num_samples for t in total]
     denom = max(num_samples - 1, 1)
-    var = [(sq - num_samples * m * m).clamp_min(0) / denom for sq, m in zip(total_sq, mean)]
+    var = [m / denom for m in m2]
     se = [(v / num_samples).sqrt() for v in var]
     return GradientStats(
         mean=rebuild(mean),
@@ -121,7 +129,9 @@ def _table(f, logits: Structure, max_dim: int):
     ref = leaves[0]
     states = all_states(dim, device=ref.device, dtype=ref.dtype)
     parts = states.split(sizes, dim=1)
-    samples = [p.reshape((p.shape[0],) + tuple(leaf.shape)) for p, leaf in zip(parts, leaves)]
+    # copies: f may modify its samples in place, and ``states`` is used after it
+    samples = [p.reshape((p.shape[0],) + tuple(leaf.shape)).clone()
+               for p, leaf in zip(parts, leaves)]
     with torch.no_grad():
         values = f(rebuild(samples))
     if not isinstance(values, torch.Tensor) or values.shape != (2**dim,):
@@ -247,7 +257,7 @@ def _antithetic_moments(est: Estimator, values: torch.Tensor, alpha: torch.Tenso
 
 def _prod_except(lens: torch.Tensor, i: int) -> torch.Tensor:
     if lens.shape[1] == 1:
-        return torch.ones(lens.shape[0], dtype=lens.dtype)
+        return torch.ones(lens.shape[0], dtype=lens.dtype, device=lens.device)
     keep = [j for j in range(lens.shape[1]) if j != i]
     return lens[:, keep].prod(1)
 

@@ -70,7 +70,12 @@ class Parameterization(abc.ABC):
 
 
 def _as_probs(probs) -> torch.Tensor:
-    p = torch.as_tensor(probs, dtype=torch.get_default_dtype())
+    # a floating tensor keeps its dtype (float64 in, float64 out); numbers and integer
+    # tensors take the default dtype
+    if isinstance(probs, torch.Tensor) and probs.is_floating_point():
+        p = probs
+    else:
+        p = torch.as_tensor(probs, dtype=torch.get_default_dtype())
     if not bool(((p > 0) & (p < 1)).all()):
         raise ValueError(f"inverse needs probabilities strictly inside (0, 1); got {probs}")
     return p

@@ -814,6 +814,29 @@ def _worker_main(settings: TuneSettings, worker: int, threads: int) -> None:
         sys.exit(130)
 
 
+def check_workers(exits: list[tuple[str, int | None]]) -> None:
+    """Report worker processes that failed: a warning when some did, an error when all did.
+
+    When every worker fails, no trial ran and a report of the study would be empty, so this
+    raises: :class:`~applications.errors.UserError` when they all stopped on a user error
+    (exit code 2, the message is printed by each worker), ``RuntimeError`` otherwise.
+    """
+    bad = [(name, code) for name, code in exits if code != 0]
+    if not bad:
+        return
+    if len(bad) < len(exits):
+        print(f"binopt tune: warning: worker(s) exited with errors: {bad}", file=sys.stderr)
+        return
+    message = (f"all {len(exits)} worker processes failed (name, exit code: {bad}); their "
+               "messages are above")
+    if all(code == 2 for _, code in bad):
+        raise UserError(message)
+    raise RuntimeError(
+        message + ". Started from a script? The workers are spawned processes that import "
+        "the script again: call run_study under `if __name__ == \"__main__\":`"
+    )
+
+
 def run_study(settings: TuneSettings) -> optuna.Study:
     """Create or resume the study and run it with ``settings.jobs`` worker processes.
 
@@ -862,7 +885,5 @@ def run_study(settings: TuneSettings) -> optuna.Study:
         for p in procs:
             p.join()
         raise
-    bad = [(p.name, p.exitcode) for p in procs if p.exitcode != 0]
-    if bad:
-        print(f"binopt tune: warning: worker(s) exited with errors: {bad}", file=sys.stderr)
+    check_workers([(p.name, p.exitcode) for p in procs])
     return optuna.load_study(study_name=settings.study_name, storage=open_storage(settings.storage))

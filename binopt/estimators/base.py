@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .._structure import Structure, flatten
+from .._structure import Structure, flatten, leaf_names
 from .._validation import (
     check_f_output,
     check_generator,
@@ -174,7 +174,9 @@ class Estimator(abc.ABC):
         All ``num_samples`` estimates are computed in one vectorized call to ``f``.
         """
         leaves, rebuild, n = self._prepare(f, logits, num_samples)
-        with torch.enable_grad():
+        # (inference mode would make every tensor here an inference tensor, which autograd
+        # refuses; enable_grad alone does not leave it)
+        with torch.inference_mode(False), torch.enable_grad():
             alphas = [
                 leaf.detach().unsqueeze(0).expand((n,) + tuple(leaf.shape)).clone().requires_grad_()
                 for leaf in leaves
@@ -209,7 +211,8 @@ class Estimator(abc.ABC):
         if not callable(f):
             raise TypeError(f"f must be callable; got {type(f).__name__}")
         leaves, rebuild = flatten(logits)
-        check_logits(leaves, self.validate_args)
+        names = None if isinstance(logits, torch.Tensor) else leaf_names(logits)
+        check_logits(leaves, self.validate_args, names=names)
         check_generator(self.generator, leaves[0].device)
         n = check_num_samples(num_samples)
         return leaves, rebuild, n
@@ -223,10 +226,29 @@ class Estimator(abc.ABC):
             s = samples[0].shape[0]
             return check_f_output(f(rebuild(samples)), s, device, check)
 
-        return self._estimate(call_f, alphas)
+        values = self._estimate(call_f, alphas)
+        if (self.requires_differentiable_f and not values.requires_grad
+                and torch.is_grad_enabled() and any(a.requires_grad for a in alphas)):
+            raise ValueError(
+                f"{type(self).__name__} differentiates f through its samples, but f's values "
+                "do not depend differentiably on them (f is constant in z, thresholds z, or "
+                "detaches it); use a score-function estimator such as ARM or DisARM for such "
+                "an f"
+            )
+        return values
 
     def _uniform(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        return torch.rand(shape, generator=self.generator, device=like.device, dtype=like.dtype)
+        """Uniform noise in the OPEN interval ``(0, 1)``.
+
+        ``torch.rand`` draws from ``[0, 1)``; its one value 0 is moved below every other
+        value it can draw (to ``eps / 4``). Then ``u < pi`` never fires for a gate closed
+        by :func:`~binopt.parameterizations.safe_logit` (``pi = sigmoid(-bound)``, about
+        1e-38 in float32, not 0), so saturated gates sample deterministically on both sides;
+        ``u < 1`` and ``u > 0`` hold for open ones. Without it a closed gate opened with
+        probability ``2**-24`` per draw in float32.
+        """
+        u = torch.rand(shape, generator=self.generator, device=like.device, dtype=like.dtype)
+        return u.clamp_min_(torch.finfo(like.dtype).eps / 4)
 
     def _open_uniform(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """Uniform noise bounded away from 0 and 1, for log-odds transforms."""

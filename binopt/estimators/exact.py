@@ -74,7 +74,8 @@ class Exact(Estimator):
         self._dim = dim
         ref = alphas[0]
         states = all_states(dim, device=ref.device, dtype=ref.dtype)  # (2^D, D)
-        parts = states.split(sizes, dim=1)
+        # f gets a copy: it may modify its samples in place, and autograd keeps ``states``
+        parts = states.clone().split(sizes, dim=1)
         samples = [p.reshape((p.shape[0],) + tuple(a.shape[1:])) for p, a in zip(parts, alphas)]
         values = call_f(samples)  # (2^D,)
         n = ref.shape[0]

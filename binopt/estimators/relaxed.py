@@ -38,7 +38,7 @@ class _Reparameterized(Estimator):
         return self._relaxed(logits.expand(tuple(sample_shape) + tuple(logits.shape)))
 
 
-@register_estimator(aliases=("st", "straight-through"))
+@register_estimator(aliases=("st",))
 class StraightThrough(_Reparameterized):
     """Straight-through Bernoulli estimator: ``z + pi - stop_grad(pi)``. Biased."""
 
@@ -88,7 +88,7 @@ class GumbelSigmoid(_Reparameterized):
         return z
 
 
-@register_estimator(aliases=("hc", "l0_hc", "hard-concrete"))
+@register_estimator(aliases=("hc", "l0_hc"))
 class HardConcrete(_Reparameterized):
     """Hard concrete gate (L0-HC). The logits are ``log a``.
 

@@ -62,9 +62,11 @@ class REINFORCE(Estimator):
     def _estimate(self, call_f: Callable, alphas: list[torch.Tensor]) -> torch.Tensor:
         probs = [torch.sigmoid(a.detach()) for a in alphas]
         z = [(self._uniform(tuple(a.shape), a) < p).to(a.dtype) for a, p in zip(alphas, probs)]
+        # the scores before f runs: f may legitimately modify its samples in place
+        scores = [zk - p for zk, p in zip(z, probs)]
         values = call_f(z)
         centred = values.detach() - self._current_baseline(values)
-        coef = [_bcast(centred, zk) * (zk - p) for zk, p in zip(z, probs)]
+        coef = [_bcast(centred, sk) * sk for sk in scores]
         return attach_gradient(values, coef, alphas)
 
 
@@ -99,10 +101,11 @@ class REINFORCELOO(Estimator):
             (self._uniform((k,) + tuple(a.shape), a) < p).to(a.dtype) for a, p in zip(alphas, probs)
         ]
         n = alphas[0].shape[0]
+        scores = [zk - p for zk, p in zip(z, probs)]  # before f (see REINFORCE)
         values = call_f([zk.reshape((k * n,) + zk.shape[2:]) for zk in z]).reshape(k, n)
         fv = values.detach()
         centred = (fv - (fv.sum(0, keepdim=True) - fv) / (k - 1)) / k  # (K, N)
-        coef = [(_bcast(centred, zk, lead=2) * (zk - p)).sum(0) for zk, p in zip(z, probs)]
+        coef = [(_bcast(centred, sk, lead=2) * sk).sum(0) for sk in scores]
         return attach_gradient(values.mean(0), coef, alphas)
 
 

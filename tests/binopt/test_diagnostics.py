@@ -256,3 +256,40 @@ def test_monte_carlo_chunks_and_structures():
     # f is linear: the exact gradient is (+1/4, +1/4, -1/4, -1/4, -1/4)
     expect = torch.tensor([0.25, 0.25, -0.25, -0.25, -0.25], dtype=DTYPE)
     assert ((stats.flat("mean") - expect).abs() <= 6 * stats.flat("std_error") + 1e-12).all()
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_monte_carlo_rejects_no_samples(bad):
+    f = lambda z: z.sum(-1)  # noqa: E731
+    with pytest.raises(ValueError, match=f"num_samples must be >= 1; got {bad}"):
+        diagnostics.monte_carlo("arm", f, torch.zeros(2), num_samples=bad)
+    with pytest.raises(ValueError, match=f"chunk_size must be >= 1; got {bad}"):
+        diagnostics.monte_carlo("arm", f, torch.zeros(2), num_samples=4, chunk_size=bad)
+
+
+def test_monte_carlo_variance_is_exact_for_identical_estimates():
+    """Exact enumeration returns the same estimate every time: its variance is 0, even in
+    float32 with a mean far from 0 (sum(g^2) - n m^2 gave 7.9e-12 on the first unit)."""
+    target = torch.tensor([0.1, 0.7, 0.2])
+    f = lambda z: 1e3 * ((z - target) ** 2).sum(-1) + 7  # noqa: E731
+    stats = diagnostics.monte_carlo("exact", f, torch.tensor([0.3, -1.1, 2.0]),
+                                    num_samples=30000)
+    assert torch.equal(stats.variance, torch.zeros(3, dtype=torch.float64))
+
+
+def test_monte_carlo_chunks_merge_exactly():
+    """Chunked statistics equal the one-chunk ones (same estimates, merged means and sums of
+    squares)."""
+    f = lambda z: ((z - 0.3) ** 2).sum(-1) + z[:, 0] * z[:, 1]  # noqa: E731
+    logits = torch.tensor([0.4, -1.2], dtype=DTYPE)
+    g = torch.Generator()
+    one = diagnostics.monte_carlo(binopt.ARM(generator=g.manual_seed(1)), f, logits, 999, 999)
+    many = diagnostics.monte_carlo(binopt.ARM(generator=g.manual_seed(1)), f, logits, 999, 100)
+    torch.testing.assert_close(many.mean, one.mean, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(many.variance, one.variance, rtol=1e-10, atol=1e-15)
+
+
+def test_prod_except_single_unit_follows_the_device():
+    lens = torch.ones(4, 1, device="meta", dtype=DTYPE)
+    out = diagnostics._prod_except(lens, 0)
+    assert out.device.type == "meta" and out.dtype == DTYPE and out.shape == (4,)

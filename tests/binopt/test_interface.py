@@ -489,3 +489,97 @@ def test_surrogate_rows_rejects_exact_and_non_tensor():
         _b.Exact().surrogate_rows(lambda z: z.sum(1), torch.zeros(2, 3))
     with pytest.raises(TypeError, match="torch.Tensor of shape"):
         _b.ARM().surrogate_rows(lambda z: z.sum(1), [torch.zeros(2, 3)])
+
+
+# ------------------------------------------------- edge cases found in review (2026-11)
+SAMPLE_FREE = [n for n in ALL if not PROPERTIES[n][3]]  # samples carry no gradient
+
+
+@pytest.mark.parametrize("name", SAMPLE_FREE)
+def test_f_may_modify_its_samples_in_place(name):
+    """An f that scales its samples in place gets the same estimates as a pure f: no
+    estimator reads the samples again after f has run. (Reparameterized samples are left
+    out: autograd itself refuses in-place changes it would need for the backward pass.)"""
+    w = torch.tensor([1.0, 3.0, -2.0], dtype=torch.float64)
+    logits = torch.tensor([0.3, -0.7, 1.1], dtype=torch.float64)
+    expected = make(name, 3).grad(lambda z: ((z * w).sum(-1) - 1) ** 2, logits, num_samples=64)
+    got = make(name, 3).grad(lambda z: (z.mul_(w).sum(-1) - 1) ** 2, logits, num_samples=64)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_exact_variance_table_survives_an_in_place_f():
+    w = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    logits = torch.tensor([0.3, -0.7], dtype=torch.float64)
+
+    def pure(z):
+        return ((z * w).sum(-1) - 1) ** 2
+
+    def in_place(z):
+        return ((z.mul_(w)).sum(-1) - 1) ** 2
+
+    for name in ("reinforce", "reinforce_loo", "arm", "disarm"):
+        a = binopt.diagnostics.exact_variance(name, pure, logits)
+        b = binopt.diagnostics.exact_variance(name, in_place, logits)
+        torch.testing.assert_close(b["variance"], a["variance"])
+        torch.testing.assert_close(b["mean"], a["mean"])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_grad_works_under_inference_mode(name):
+    logits = torch.tensor([0.3, -0.2, 1.0])
+    expected = make(name, 4).grad(quadratic, logits, num_samples=8)
+    with torch.inference_mode():
+        got = make(name, 4).grad(quadratic, logits, num_samples=8)
+    torch.testing.assert_close(got, expected)
+
+
+def test_exact_grad_under_inference_mode():
+    with torch.inference_mode():
+        g = binopt.exact_grad(quadratic, torch.zeros(2))
+    torch.testing.assert_close(g, binopt.exact_grad(quadratic, torch.zeros(2)))
+
+
+@pytest.mark.parametrize("name", ["arm", "disarm", "reinforce", "reinforce_loo",
+                                  "straight_through"])
+@pytest.mark.parametrize("draw", [0.0, 1.0 - 2.0**-24])  # torch.rand's extreme values
+def test_saturated_gates_sample_deterministically(name, draw, monkeypatch):
+    """``safe_logit`` closes a gate at pi = sigmoid(-87.3), about 1e-38 in float32, not 0.
+    A uniform draw of exactly 0 must not open it, nor the largest draw close an open one."""
+    bound = float(binopt.parameterizations.safe_logit(torch.tensor([1.0]))[0])
+    logits = torch.tensor([-bound, bound])  # closed, open
+    assert torch.sigmoid(logits[0]) > 0  # the case: pi is tiny, not 0
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.full(
+        shape, draw, dtype=kw.get("dtype"), device=kw.get("device")))
+    seen = []
+
+    def f(z):
+        seen.append(z.detach().clone())
+        return z.sum(-1)
+
+    make(name).grad(f, logits, num_samples=4)
+    z = torch.cat([s.reshape(-1, 2) for s in seen])
+    assert (z[:, 0] == 0).all() and (z[:, 1] == 1).all(), z
+    samples = make(name).sample(logits, (3,))
+    assert (samples[:, 0] == 0).all() and (samples[:, 1] == 1).all()
+
+
+@pytest.mark.parametrize("name", ["gumbel", "hard_concrete", "straight_through"])
+def test_relaxed_estimators_reject_an_f_not_differentiable_in_z(name):
+    with pytest.raises(ValueError, match="differentiates f through its samples"):
+        make(name, 0).grad(lambda z: (z > 0.5).sum(-1).float(), torch.zeros(3))
+    with pytest.raises(ValueError, match="differentiates f through its samples"):
+        logits = torch.zeros(3, requires_grad=True)
+        make(name, 0).surrogate(lambda z: torch.ones(z.shape[0]), logits)
+    # a score-function estimator takes such an f
+    make("arm", 0).grad(lambda z: (z > 0.5).sum(-1).float(), torch.zeros(3))
+
+
+def test_namedtuple_logits():
+    from collections import namedtuple
+
+    pair = namedtuple("Pair", "a b")
+    logits = pair(torch.tensor([0.2]), torch.tensor([-0.4, 0.1]))
+    g = binopt.exact_grad(lambda z: z.a.sum(-1) * z.b.sum(-1), logits)
+    assert isinstance(g, pair) and g.a.shape == (1,) and g.b.shape == (2,)
+    est = make("arm", 0).grad(lambda z: z.a.sum(-1) * z.b.sum(-1), logits, num_samples=3)
+    assert isinstance(est, pair) and est.b.shape == (3, 2)

@@ -157,3 +157,15 @@ def test_callable_inverse():
     param = CallableParameterization(torch.special.ndtr, inverse=torch.special.ndtri)
     phi = param.inverse([0.1, 0.5, 0.9])
     torch.testing.assert_close(param.probs(phi), torch.tensor([0.1, 0.5, 0.9]))
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "scaled_sigmoid", "hard_sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inverse_keeps_a_floating_dtype(name, dtype):
+    param = PARAMS[name]
+    probs = torch.tensor([0.2, 0.5, 0.8], dtype=dtype)
+    phi = param.inverse(probs)
+    assert phi.dtype == dtype
+    torch.testing.assert_close(param.probs(phi), probs)
+    # numbers take the default dtype
+    assert param.inverse(0.3).dtype == torch.get_default_dtype()

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
+import pytest
 from optuna.trial import TrialState
 
 from applications.cli import main
 
-from .conftest import TINY, load, start_worker, wait_until
+from .conftest import ROOT, TINY, load, start_worker, wait_until
 
 
 def _check_exact(study, n: int) -> None:
@@ -82,3 +87,39 @@ def test_killed_worker_resumes(tmp_path, driver):
     a = retry[0].user_attrs
     assert a.get("resumed_after_epoch") == 1 or "resume_error" in a
     assert len(study.trials) == 4
+
+
+def test_check_workers_warns_on_some_and_raises_on_all(capsys):
+    from applications.errors import UserError
+    from applications.tune.study import check_workers
+
+    check_workers([("w0", 0), ("w1", 0)])
+    assert capsys.readouterr().err == ""
+    check_workers([("w0", 0), ("w1", 1)])
+    assert "worker(s) exited with errors: [('w1', 1)]" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"all 2 worker processes failed"):
+        check_workers([("w0", 2), ("w1", 2)])
+    with pytest.raises(RuntimeError, match=r'if __name__ == "__main__"'):
+        check_workers([("w0", 1), ("w1", 2)])
+
+
+def test_run_study_from_an_unguarded_script_fails_loudly(tmp_path):
+    """The Python example of docs/tune.md without its ``__main__`` guard: every spawned
+    worker fails while bootstrapping. That used to return an empty study with exit code 0."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent(f"""
+        from applications.tune import SearchSpace, TuneSettings, run_study
+        settings = TuneSettings(
+            storage="journal:{tmp_path / 'study.log'}", study_name="s", n_trials=2,
+            out="{tmp_path / 'runs'}", space=SearchSpace(estimator=("arm",)),
+            train={{"model": "mlp", "dataset": "mnist5k", "epochs": 1, "limit": 300}},
+            jobs=2, threads=1,
+        )
+        run_study(settings)
+    """))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "all 2 worker processes failed" in proc.stderr
+    assert 'if __name__ == "__main__"' in proc.stderr
