@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .errors import UserError
@@ -40,7 +41,70 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (``binopt ... | head``)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    except (OSError, ValueError):
+        return False
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        # no poll() (Windows) or no file descriptor (a captured stream): the flush above
+        # could not tell, and a broken pipe with output pending is by far the likely cause
+        return True
+
+
+def _silence_stdout() -> None:
+    """Point standard output at the null device so that the final flush cannot fail.
+
+    The recipe of the Python documentation (signal module, "Note on SIGPIPE").
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):  # no file descriptor: drop the buffer
+        sys.stdout = open(os.devnull, "w")  # left open: it is stdout until the process ends
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``binopt ARGV``; return the exit status.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 on success, 2 for a user error (reported as one line), 130 on Ctrl-C, 141 when
+        standard output is a pipe closed by its reader (``binopt ... | head``).
+    """
+    try:
+        try:
+            code = _main(argv)
+        except SystemExit:  # argparse after --help or a usage error
+            sys.stdout.flush()
+            raise
+        # flush here, not at interpreter exit, so that a closed pipe is handled below
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # a pipe of the command's own (a data loader worker, ...): a real error
+        _silence_stdout()
+        return 141  # what a shell reports for a process ended by SIGPIPE (128 + 13)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
@@ -60,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = "tune" if missing.split(".")[0] in {"optuna", "plotly"} else "data"
             print(
                 f"binopt: error: this command needs {missing.split('.')[0]}; "
-                f"install it with: pip install 'binopt[{extra}]'",
+                f"install it from the checkout with: pip install -e '.[{extra}]'",
                 file=sys.stderr,
             )
             return 2

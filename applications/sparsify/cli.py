@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from applications.errors import UserError
@@ -106,7 +107,8 @@ def register(subparsers, name: str = "sparsify", help_text: str = "") -> argpars
                    help="torch CPU threads (1 is often fastest for small models)")
     p.add_argument("--out", default=d.out, help="output folder")
     p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoint.pt (same settings)")
+                   help="continue from OUT/checkpoint.pt (same settings; --lr, --gate-lr and "
+                        "--lam may change, e.g. after a NaN loss)")
     p.add_argument("--baseline", default=None, choices=["dense"],
                    help="also train the dense network with the same budget")
     p.add_argument("--validation-fraction", type=float, default=d.validation_fraction,
@@ -179,6 +181,9 @@ def run(args: argparse.Namespace) -> int:
     except TrainingDivergedError as exc:
         print(f"binopt: error: {exc}", file=sys.stderr)
         return 1
+    # under torchrun every rank returns the summary; one copy on the terminal is enough
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

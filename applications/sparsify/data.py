@@ -291,13 +291,31 @@ def _find_mnist_file(root: Path, stem: str) -> Path | None:
     return None
 
 
+def _root_problem(root: Path) -> str:
+    """The note on ``root`` that a "files not found" message ends its search path with.
+
+    A file given as the data root (say, one of the IDX files itself) exists; calling it
+    missing would send the user looking for the wrong mistake.
+
+    Returns
+    -------
+    str
+        ``" (<root> does not exist)"``, ``" (<root> is not a folder)"``, or ``""`` when
+        ``root`` is a folder.
+    """
+    if root.is_dir():
+        return ""
+    if root.exists():
+        return f" ({root} is not a folder)"
+    return f" ({root} does not exist)"
+
+
 def _mnist_missing_message(root: Path | None, missing: Sequence[str]) -> str:
     if root is None:
         where = "no data_root was given"
     else:
         where = "looked in " + " and ".join(str(d) for d in _mnist_search_dirs(root))
-        if not root.is_dir():
-            where += f" ({root} does not exist)"
+        where += _root_problem(root)
     files = ", ".join(f"{s} (or {s}.gz)" for s in missing)
     return (
         f"MNIST files not found: {files}; {where}. "
@@ -377,9 +395,7 @@ def _cifar_missing_message(name: str, root: Path | None, missing: Sequence[str])
     if root is None:
         where = "no data_root was given"
     else:
-        where = f"looked in {root / layout.folder}"
-        if not root.is_dir():
-            where += f" ({root} does not exist)"
+        where = f"looked in {root / layout.folder}" + _root_problem(root)
     return (
         f"{name} files not found: {', '.join(missing)}; {where}. "
         f"Pass data_root=<folder> holding {expected} (the Python pickle version). "

@@ -59,7 +59,13 @@ with parameters export does not know) raises :class:`ExportError` naming the lay
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import io
 import json
+import os
+import shutil
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,7 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import L0Conv2d, L0Layer, L0Linear, SampleBatchNorm2d
+from .layers import L0Conv2d, L0Layer, L0Linear, SampleBatchNorm1d, SampleBatchNorm2d
 from .models import WideBasicBlock, WideResNet
 from .network import GatedNetwork
 
@@ -441,7 +447,8 @@ def _to_op(name: str, m: nn.Module) -> _Op:
         return _Op(name, m, "conv", w, b, conv=conv, source_units=(w.shape[1], w.shape[0]))
     if isinstance(m, L0Layer):
         raise _unsupported(name, m, "unknown gated layer type")
-    if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, SampleBatchNorm2d):
+    # to_l0 turns BatchNorm1d/2d into the sample-aware ones; in eval mode they are the same
+    if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, SampleBatchNorm1d, SampleBatchNorm2d):
         if not m.track_running_stats or m.running_mean is None:
             raise _unsupported(name, m, "BatchNorm without running statistics")
         return _Op(name, m, "bn")
@@ -969,23 +976,169 @@ def _to_cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def save_exported(exported: ExportedModel, folder: str | Path) -> None:
-    """Write ``folder/spec.json`` and ``folder/state_dict.pt`` (CPU tensors).
+_FOLDER_FILES = ("spec.json", "state_dict.pt")
 
-    Reload with :func:`load_exported` (no binopt model code or gated checkpoint needed
-    beyond ``applications.sparsify.export``).
+
+def _write_synced(path: Path, write: Any) -> None:
+    # fsync before the rename: otherwise a crash can leave the new name on empty data
+    with open(path, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns ``False`` where that is not available (other systems, old C libraries, file
+    systems without the flag); the caller then falls back to two renames.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _replace_folder(new: Path, folder: Path) -> Path | None:
+    """Move the complete folder ``new`` to ``folder``; return where the previous one went."""
+    try:
+        os.rename(new, folder)  # folder missing or empty: one atomic rename
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    if _exchange(new, folder):
+        return new  # now holds the previous export
+    # two renames: a reader may briefly find no folder, never a mix of two exports
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    os.rename(folder, old)
+    os.rename(new, folder)
+    return old
+
+
+def save_exported(exported: ExportedModel, folder: str | Path) -> None:
+    """Write ``folder/spec.json`` and ``folder/state_dict.pt`` (CPU tensors), atomically.
+
+    Both files are written to a hidden folder next to ``folder``, which then replaces
+    ``folder`` (on Linux in one atomic exchange), so that a reader, or a kill at any moment,
+    sees the previous export or the new one, never the spec of one with the weights of the
+    other. A kill can leave a hidden ``.NAME.tmp-PID`` folder behind. Reload with
+    :func:`load_exported` (no binopt model code or gated checkpoint needed beyond
+    ``applications.sparsify.export``).
+
+    Parameters
+    ----------
+    exported : ExportedModel
+        What :func:`export` returned.
+    folder : str or Path
+        A new or empty folder, or one holding an earlier export (nothing else: the whole
+        folder is replaced).
+
+    Raises
+    ------
+    NotADirectoryError
+        ``folder`` is an existing file.
+    FileExistsError
+        ``folder`` holds files other than ``spec.json`` and ``state_dict.pt``.
+    OSError
+        The folder cannot be written.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "spec.json").write_text(json.dumps(exported.spec, indent=2) + "\n")
-    torch.save(_to_cpu_state(exported.module), folder / "state_dict.pt")
+    if folder.is_symlink():  # replace the folder it points to, not the link
+        folder = folder.resolve()
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "expected a folder for spec.json and "
+                                 "state_dict.pt, found a file", str(folder))
+    if folder.is_dir():
+        other = sorted(set(os.listdir(folder)) - set(_FOLDER_FILES))
+        if other:
+            shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
+            raise FileExistsError(
+                errno.EEXIST, f"the folder holds files other than an export ({shown}); "
+                "expected a new or empty folder or one holding only spec.json and "
+                "state_dict.pt, since the whole folder is replaced", str(folder))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    old = None
+    try:
+        if tmp.exists():  # left by an earlier, killed process with the same id
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        text = (json.dumps(exported.spec, indent=2) + "\n").encode()
+        _write_synced(tmp / "spec.json", lambda fh: fh.write(text))
+        state = _to_cpu_state(exported.module)
+        _write_synced(tmp / "state_dict.pt", lambda fh: torch.save(state, fh))
+        if folder.is_dir():  # the new folder keeps the permissions of the one it replaces
+            shutil.copymode(folder, tmp)
+        old = _replace_folder(tmp, folder)
+    finally:
+        for leftover in (tmp, old):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def save_exported_file(exported: ExportedModel, path: str | Path) -> None:
-    """Write one file holding ``{"spec": spec, "state_dict": state_dict}`` (CPU tensors)."""
+    """Write one file holding ``{"spec": spec, "state_dict": state_dict}`` (CPU tensors).
+
+    The file is written under a temporary name in the same folder and renamed into place
+    (``os.replace``): a kill leaves the previous file or the new one, never a truncated one.
+
+    Raises
+    ------
+    OSError
+        The file cannot be written (for instance ``path`` is an existing folder).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"spec": exported.spec, "state_dict": _to_cpu_state(exported.module)}, path)
+    blob = {"spec": exported.spec, "state_dict": _to_cpu_state(exported.module)}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        _write_synced(tmp, lambda fh: torch.save(blob, fh))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_folder(folder: Path) -> tuple[bytes, bytes]:
+    """``spec.json`` and ``state_dict.pt`` of the same export, even while it is replaced."""
+    if os.open not in os.supports_dir_fd:  # Windows: no handle on a folder
+        return (folder / "spec.json").read_bytes(), (folder / "state_dict.pt").read_bytes()
+    for attempt in range(3):
+        # both files are opened relative to one handle on the folder: a concurrent
+        # save_exported that swaps in a new folder cannot pair the old spec with new weights
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            blobs = []
+            for name in _FOLDER_FILES:
+                with os.fdopen(os.open(name, os.O_RDONLY, dir_fd=dir_fd), "rb") as fh:
+                    blobs.append(fh.read())
+            return blobs[0], blobs[1]
+        except FileNotFoundError:
+            # the folder we opened was replaced and deleted between the two files: retry
+            if attempt == 2:
+                raise
+        finally:
+            os.close(dir_fd)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _torch_load(data: bytes | Path, where: Path, map_location: Any) -> Any:
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    try:
+        return torch.load(source, map_location=map_location, weights_only=True)
+    except Exception as exc:  # empty, truncated, foreign or unsafe pickle
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(
+            f"cannot read {where}: expected a file written by torch.save (binopt export or "
+            f"save_exported); {detail}"
+        ) from None
 
 
 def load_exported(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -1003,23 +1156,49 @@ def load_exported(path: str | Path, map_location: str | torch.device = "cpu") ->
     -------
     nn.Module
         The exported module with its weights, in eval mode.
+
+    Raises
+    ------
+    FileNotFoundError
+        Nothing at ``path``, or a folder without ``spec.json`` and ``state_dict.pt``.
+    ExportError
+        A file that is not an export (empty, truncated, not written by ``torch.save``,
+        another object), an invalid spec, or weights that do not match the spec.
     """
     path = Path(path)
     if path.is_dir():
-        spec_path, state_path = path / "spec.json", path / "state_dict.pt"
-        if not spec_path.is_file() or not state_path.is_file():
-            raise FileNotFoundError(f"{path} holds no spec.json and state_dict.pt")
-        spec = json.loads(spec_path.read_text())
-        state = torch.load(state_path, map_location=map_location, weights_only=True)
+        try:
+            spec_bytes, state_bytes = _read_folder(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} holds no spec.json and state_dict.pt") from None
+        try:
+            spec = json.loads(spec_bytes)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ExportError(f"cannot read {path / 'spec.json'}: expected the JSON spec of "
+                              f"an export; {exc}") from None
+        state = _torch_load(state_bytes, path / "state_dict.pt", map_location)
     elif path.is_file():
-        blob = torch.load(path, map_location=map_location, weights_only=True)
+        blob = _torch_load(path, path, map_location)
         if not isinstance(blob, dict) or "spec" not in blob or "state_dict" not in blob:
             raise ExportError(f"{path} is not an exported model (no 'spec' and 'state_dict')")
         spec, state = blob["spec"], blob["state_dict"]
     else:
         raise FileNotFoundError(f"no exported model at {path}")
-    module = build_from_spec(spec)
+    if not isinstance(spec, dict) or not isinstance(state, dict):
+        raise ExportError(f"{path} is not an exported model: expected a spec dict and a "
+                          f"state dict, got {type(spec).__name__} and {type(state).__name__}")
+    try:
+        module = build_from_spec(spec)
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, ExportError):
+            raise
+        raise ExportError(f"{path} holds an invalid export spec ({type(exc).__name__}: "
+                          f"{exc})") from None
     module.to(map_location)
-    module.load_state_dict(state, strict=True)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        lines = [s.strip() for s in str(exc).strip().splitlines() if s.strip()]
+        raise ExportError(f"{path}: the weights do not match the spec: "
+                          f"{lines[-1] if lines else exc}") from None
     return module.eval()
-

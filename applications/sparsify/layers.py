@@ -724,17 +724,30 @@ class L0Conv2d(L0Layer):
         return out
 
 
-class SampleBatchNorm2d(nn.BatchNorm2d):
+class SampleBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm that normalises each stacked sample group with its own batch statistics.
+
+    Base of :class:`SampleBatchNorm1d` and :class:`SampleBatchNorm2d`, which add the input
+    check of ``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` (``isinstance`` with those holds).
 
     With ``S`` gate samples stacked along the batch, plain BatchNorm would mix the
     statistics of different networks (and the reference implementation ran its second ARM
     pass in eval mode instead). Here each group of ``B`` examples is normalised on its own,
     so every sample sees exactly the statistics it would see alone; running statistics are
-    updated with the average over groups. Setting ``update_running_stats = False`` (as
+    updated ONCE per forward pass, with the batch statistics averaged over the groups, and
+    ``momentum`` means what it means for ``nn.BatchNorm``: ``None`` is the cumulative
+    moving average (factor ``1 / num_batches_tracked``), ``0`` leaves the running
+    statistics as they are. Setting ``update_running_stats = False`` (as
     :class:`~applications.sparsify.network.GatedNetwork` does for the sample groups that
     only give a loss value) normalises with the batch statistics and leaves the running
-    statistics untouched.
+    statistics and ``num_batches_tracked`` untouched.
+
+    Attributes
+    ----------
+    num_sample_groups : int
+        ``S``, the number of stacked sample groups in the next training-mode batches.
+    update_running_stats : bool
+        Whether training-mode batches update the running statistics.
     """
 
     num_sample_groups: int = 1
@@ -745,27 +758,59 @@ class SampleBatchNorm2d(nn.BatchNorm2d):
         if not self.training:
             return super().forward(x)
         if not self.update_running_stats:
+            self._check_input_dim(x)
             if s == 1:
                 return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         elif s == 1:
             return super().forward(x)
-        # one batch_norm per group on its (contiguous, in NCHW and channels-last alike)
-        # slice of the batch: no transposed copies of the activations
+        self._check_input_dim(x)
+        if x.shape[0] % s:
+            raise ValueError(
+                f"{type(self).__name__} expects a batch of {s} equal sample groups; got "
+                f"{x.shape[0]} rows"
+            )
         update = self.update_running_stats and self.track_running_stats
         update = update and self.running_mean is not None
-        momentum = self.momentum or 0.1
+        # one batch_norm per group on its (contiguous, in NCHW and channels-last alike)
+        # slice of the batch: no transposed copies of the activations. With momentum 1 it
+        # writes the group's batch mean and unbiased variance into zeroed buffers; the
+        # running statistics then take their average in one step below.
         outs, stats = [], []
         for group in x.chunk(s):
             rm = rv = None
             if update:
-                rm, rv = self.running_mean.clone(), self.running_var.clone()
+                rm, rv = torch.zeros_like(self.running_mean), torch.zeros_like(self.running_var)
                 stats.append((rm, rv))
             outs.append(
-                F.batch_norm(group, rm, rv, self.weight, self.bias, True, momentum, self.eps)
+                F.batch_norm(group, rm, rv, self.weight, self.bias, True, 1.0, self.eps)
             )
         if update:
-            with torch.no_grad():
-                self.running_mean.copy_(torch.stack([m for m, _ in stats]).mean(0))
-                self.running_var.copy_(torch.stack([v for _, v in stats]).mean(0))
-                self.num_batches_tracked += 1
+            self._update_running_stats(
+                torch.stack([m for m, _ in stats]).mean(0),
+                torch.stack([v for _, v in stats]).mean(0),
+            )
         return torch.cat(outs)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """One ``nn.BatchNorm`` running-statistics step towards the batch ``mean``/``var``."""
+        nbt = self.num_batches_tracked
+        if nbt is not None:
+            nbt.add_(1)
+        if self.momentum is not None:
+            factor: float | torch.Tensor = float(self.momentum)
+        elif nbt is not None:
+            # cumulative average as in nn.BatchNorm, kept on the device: no host sync
+            factor = nbt.to(self.running_mean.dtype).reciprocal()
+        else:  # nn.BatchNorm's factor without a batch count
+            factor = 0.0
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+        self.running_var.lerp_(var.to(self.running_var.dtype), factor)
+
+
+class SampleBatchNorm1d(SampleBatchNorm, nn.BatchNorm1d):
+    """:class:`SampleBatchNorm` for ``(N, C)`` and ``(N, C, L)`` inputs (``nn.BatchNorm1d``)."""
+
+
+class SampleBatchNorm2d(SampleBatchNorm, nn.BatchNorm2d):
+    """:class:`SampleBatchNorm` for ``(N, C, H, W)`` inputs (``nn.BatchNorm2d``)."""

@@ -5,8 +5,8 @@
   (gates on inputs).
 - :class:`WideResNet`: WRN-depth-width; gates on the output channels of the FIRST
   convolution of each residual block (as in L0-ARM / Louizos et al.).
-- :func:`to_l0`: replace ``nn.Linear`` / ``nn.Conv2d`` / ``nn.BatchNorm2d`` of any module by
-  their gated counterparts, copying the weights.
+- :func:`to_l0`: replace ``nn.Linear`` / ``nn.Conv2d`` / ``nn.BatchNorm1d`` / ``nn.BatchNorm2d``
+  of any module by their gated (or sample-aware) counterparts, copying the weights.
 
 MLP and LeNet-5 are plain ``nn.Sequential`` chains, so the same export code serves them and
 users' own Sequential models.
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .layers import L0Conv2d, L0Linear, SampleBatchNorm2d
+from .layers import L0Conv2d, L0Linear, SampleBatchNorm1d, SampleBatchNorm2d
 
 
 def mlp(
@@ -165,13 +165,36 @@ class WideResNet(nn.Module):
         return self.fc(out)
 
 
+#: BatchNorm classes :func:`to_l0` replaces, and their sample-aware counterparts.
+_SAMPLE_BATCHNORM: dict[type[nn.Module], type[nn.Module]] = {
+    nn.BatchNorm1d: SampleBatchNorm1d,
+    nn.BatchNorm2d: SampleBatchNorm2d,
+}
+
+
 def to_l0(module: nn.Module, gate_linear: bool = True, gate_conv: bool = True, **gate_options):
-    """Return a copy of ``module`` whose Linear/Conv2d layers are gated L0 layers.
+    """Return a copy of ``module`` whose Linear/Conv2d/BatchNorm layers are the L0 ones.
 
     ``nn.Linear`` becomes :class:`L0Linear` (gates on inputs), ``nn.Conv2d`` (groups=1,
-    dilation=1) becomes :class:`L0Conv2d` (gates on output channels), ``nn.BatchNorm2d``
-    becomes :class:`SampleBatchNorm2d`; weights and buffers are copied. Anything else is
-    kept as it is.
+    dilation=1) becomes :class:`L0Conv2d` (gates on output channels), ``nn.BatchNorm1d`` /
+    ``nn.BatchNorm2d`` become :class:`SampleBatchNorm1d` / :class:`SampleBatchNorm2d`
+    (batch statistics per stacked gate sample); weights and buffers are copied. Every new
+    layer, its gate parameters included, takes the device and floating dtype of the layer
+    it replaces, so a float64 or CUDA model stays one. Anything else is kept as it is.
+
+    Parameters
+    ----------
+    module : nn.Module
+        The network to convert; it is deep-copied and left untouched.
+    gate_linear, gate_conv : bool
+        Whether the new Linear / Conv2d layers get gates (``False``: dense L0 layers).
+    **gate_options
+        Passed to :class:`~applications.sparsify.layers.L0Gate`.
+
+    Returns
+    -------
+    nn.Module
+        The converted copy.
     """
     import copy
 
@@ -179,10 +202,10 @@ def to_l0(module: nn.Module, gate_linear: bool = True, gate_conv: bool = True, *
 
     def convert(m: nn.Module) -> nn.Module:
         if isinstance(m, nn.Linear) and not isinstance(m, L0Linear):
-            new = L0Linear(
+            new = _like(L0Linear(
                 m.in_features, m.out_features, bias=m.bias is not None, gated=gate_linear,
                 **gate_options,
-            )
+            ), m)
             new.weight.data.copy_(m.weight.data)
             if m.bias is not None:
                 new.bias.data.copy_(m.bias.data)
@@ -192,15 +215,17 @@ def to_l0(module: nn.Module, gate_linear: bool = True, gate_conv: bool = True, *
                 raise ValueError(
                     f"to_l0 supports Conv2d with groups=1, dilation=1 and zero padding; got {m}"
                 )
-            new = L0Conv2d(
+            new = _like(L0Conv2d(
                 m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
                 bias=m.bias is not None, gated=gate_conv, **gate_options,
-            )
+            ), m)
             new.conv.load_state_dict(m.state_dict())
             return new
-        if type(m) is nn.BatchNorm2d:
-            new = SampleBatchNorm2d(m.num_features, m.eps, m.momentum, m.affine,
-                                    m.track_running_stats)
+        # exact types only: a subclass may change forward in ways a copy would lose
+        bn_class = _SAMPLE_BATCHNORM.get(type(m))
+        if bn_class is not None:
+            new = _like(bn_class(m.num_features, m.eps, m.momentum, m.affine,
+                                 m.track_running_stats), m)
             new.load_state_dict(m.state_dict())
             return new
         for name, child in m.named_children():
@@ -208,6 +233,22 @@ def to_l0(module: nn.Module, gate_linear: bool = True, gate_conv: bool = True, *
         return m
 
     return convert(module)
+
+
+def _like(new: nn.Module, old: nn.Module) -> nn.Module:
+    """``new`` moved to the device and floating dtype of ``old``'s own tensors, in ``old``'s
+    train/eval mode.
+
+    The layers are built on the CPU in the default dtype; copying the weights into them
+    would silently cast a float64 (or CUDA) source to that. ``Module.to`` casts only
+    floating tensors, so integer buffers such as ``num_batches_tracked`` keep their dtype.
+    """
+    new.train(old.training)  # to_l0(model.eval()) stays in eval mode
+    tensors = [*old.parameters(recurse=False), *old.buffers(recurse=False)]
+    ref = next((t for t in tensors if t.is_floating_point()), None)
+    if ref is None:  # nothing to match (e.g. BatchNorm without affine or running stats)
+        return new
+    return new.to(device=ref.device, dtype=ref.dtype)
 
 
 def build_model(name: str, *, input_shape: Sequence[int], num_classes: int, gated: bool = True,

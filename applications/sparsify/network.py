@@ -47,7 +47,7 @@ from .layers import (
     L0Layer,
     L0Linear,
     PassInfo,
-    SampleBatchNorm2d,
+    SampleBatchNorm,
     apply_module,
     flatten_branch,
 )
@@ -162,7 +162,7 @@ class GatedNetwork(nn.Module):
             raise ValueError(f"lam must be >= 0; got {bad}")
         for layer in layers.values():
             layer.gate.estimator = self.estimator
-        self._bn = [m for m in module.modules() if isinstance(m, SampleBatchNorm2d)]
+        self._bn = [m for m in module.modules() if isinstance(m, SampleBatchNorm)]
         self.conditional = self._check_conditional(conditional)
         self.weight_grad = self._check_weight_grad(weight_grad)
         self._chain = _chain_plan(module)
@@ -252,7 +252,8 @@ class GatedNetwork(nn.Module):
             Hand every layer the index of its units active in some sample, so that it
             computes only those (one device-to-host copy of the masks on CUDA).
         update_running_stats : bool
-            Whether :class:`SampleBatchNorm2d` layers update their running statistics.
+            Whether :class:`~.layers.SampleBatchNorm` layers (1d and 2d) update their
+            running statistics.
         active : mapping, optional
             Precomputed indices of the active units (``conditional`` then needs no copy).
         """

@@ -17,7 +17,8 @@ What a run writes to ``OUT/``
     Model, optimizer, scheduler and every random state after the last finished epoch,
     replaced atomically (written to a temporary file in the same folder, then
     ``os.replace``). ``resume=True`` continues from it and reaches exactly the same final
-    state as an uninterrupted run with the same settings on the same device.
+    state as an uninterrupted run with the same settings on the same device; ``lr``,
+    ``gate_lr`` and ``lam`` may change on resume (e.g. after a NaN loss).
 ``summary.json``, ``summary.png``
     The final results (see :func:`train`) and a plot of the kept units per layer and the
     error per epoch.
@@ -87,6 +88,10 @@ CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "summary.json"
 PLOT_NAME = "summary.png"
+EXPORT_DIR = "exported"
+DENSE_DIR = "dense"
+# what save_exported writes (export.py); only these are removed, never a user's own files
+EXPORT_FILES = ("spec.json", "state_dict.pt")
 _CHECKPOINT_FORMAT = 2
 # The process's place in a data-parallel run; set by train() (rank 0 of 1 otherwise).
 _CTX = DistributedContext()
@@ -187,7 +192,11 @@ class TrainConfig:
     out : str
         Output folder.
     resume : bool
-        Continue from ``OUT/checkpoint.pt`` if it exists (else start afresh).
+        Continue from ``OUT/checkpoint.pt`` if it exists (else start afresh, first deleting
+        every output of an earlier run in ``OUT``). The settings must be those of the
+        checkpoint, except ``epochs`` (at least the epochs it has finished), ``lr``,
+        ``gate_lr`` and ``lam``: new values of these apply from the next epoch and are
+        recorded as ``setting_changes`` (in that epoch's metrics and in the summary).
     baseline : str or None
         ``"dense"``: also train the ungated network with the same budget (epochs, batch
         size, optimizer, seed) and report ``dense_test_error``.
@@ -269,6 +278,11 @@ class TrainConfig:
         if not custom_data:
             _check_choice("dataset", self.dataset, available_datasets())
         names = binopt.available_estimators()
+        if isinstance(self.estimator_options, Mapping) and "generator" in self.estimator_options:
+            raise ConfigError(
+                "estimator_options cannot set 'generator': the gate samples come from a "
+                "generator seeded by seed; drop it (and set seed instead)"
+            )
         try:
             binopt.get_estimator(self.estimator, **dict(self.estimator_options))
         except ValueError as exc:
@@ -453,6 +467,45 @@ def _custom_data(data: Any, config: TrainConfig):
         splits = DatasetSplits(cut(splits.train), cut(splits.test), splits.input_shape,
                                splits.num_classes, splits.name)
     return splits
+
+
+@torch.no_grad()
+def _check_data_fits(net: GatedNetwork, datasets: tuple, device: torch.device) -> None:
+    """Raise :class:`ConfigError` unless the user's data can go through the user's network.
+
+    Checks the input dtype against the parameters' and the largest label against the
+    number of outputs, found by one forward pass of one example (test-time gates). Without
+    this a mismatch surfaces mid-step as a raw dtype RuntimeError, or an IndexError (on CUDA
+    a device-side assert) in the loss.
+    """
+    datasets = [ds for ds in datasets if ds is not None and len(ds)]
+    param = next((p for p in net.module.parameters() if p.is_floating_point()), None)
+    for ds in datasets:
+        x = ds.tensors[0]
+        # integer inputs may be meant for an embedding; the forward pass below judges them
+        if param is not None and x.is_floating_point() and x.dtype != param.dtype:
+            raise ConfigError(
+                f"data inputs must have the model's dtype {param.dtype}; got {x.dtype} "
+                f"(convert them, e.g. x.to({param.dtype}))"
+            )
+    x = datasets[0].tensors[0][:1].to(device)
+    was_training = net.training
+    net.eval()
+    try:
+        out = net(x)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"the model cannot take the data's inputs of shape "
+                          f"{tuple(x.shape[1:])}: {first}") from None
+    finally:
+        net.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        return  # not (batch, classes) logits: the output size cannot be read off
+    outputs = int(out.shape[1])
+    largest = max(int(ds.tensors[1].max()) for ds in datasets)
+    if largest >= outputs:
+        raise ConfigError(f"data labels must be class indices 0 .. {outputs - 1} for a model "
+                          f"with {outputs} outputs; got labels up to {largest}")
 
 
 def _load_data(config: TrainConfig, data: Any = None):
@@ -666,15 +719,58 @@ def evaluate(net: nn.Module, dataset: TensorDataset, device: torch.device | str 
 
 
 # =============================================================================== checkpoints
-def _fingerprint(config: TrainConfig) -> dict[str, Any]:
-    """Settings that determine the training trajectory (must match to resume)."""
-    d = config.to_dict()
-    for key in ("epochs", "out", "resume", "progress", "device", "num_threads", "baseline",
-                "distributed"):
-        d.pop(key, None)
+# Never part of a fingerprint: bookkeeping, where the run happens, and the settings that a
+# resume may change (``_retunable``), e.g. to continue a diverged run with a smaller step.
+_NOT_FINGERPRINTED = frozenset({"out", "resume", "progress", "device", "num_threads",
+                                "baseline", "distributed", "lr", "gate_lr", "lam"})
+# Settings that only shape the gates: the dense baseline is the same network without them.
+_GATE_ONLY = frozenset({"estimator", "estimator_options", "lam", "parameterization", "k",
+                        "init_drop_rate", "gate_lr"})
+
+
+def _fingerprint(config: TrainConfig, phase: str = "l0") -> dict[str, Any]:
+    """Settings that determine the training trajectory of ``phase`` (must match to resume)."""
+    d = _fingerprint_of(config.to_dict(), phase)
+    d.pop("epochs", None)
     if _norm(config.lr_schedule) != "constant":  # the schedule depends on the epoch count
         d["epochs"] = config.epochs
     return d
+
+
+def _fingerprint_of(stored: Mapping[str, Any], phase: str) -> dict[str, Any]:
+    """``stored`` (settings or a checkpoint's fingerprint) less what does not matter to
+    ``phase``; checkpoints of earlier versions also fingerprinted lr, gate_lr and lam."""
+    skip = _NOT_FINGERPRINTED | (_GATE_ONLY if phase == "dense" else frozenset())
+    return {k: v for k, v in stored.items() if k not in skip}
+
+
+def _retunable(settings: Mapping[str, Any], phase: str) -> dict[str, Any]:
+    """The settings a resume of ``phase`` may change, as effective values."""
+    values = {"lr": settings.get("lr")}
+    if phase != "dense":
+        gate_lr = settings.get("gate_lr")
+        values["gate_lr"] = values["lr"] if gate_lr is None else gate_lr
+        values["lam"] = settings.get("lam")
+    return values
+
+
+def _set_base_lrs(opt: torch.optim.Optimizer, scheduler, base_lrs: list[float]) -> None:
+    """Make ``base_lrs`` the per-group learning rates of a restored optimizer.
+
+    A schedule keeps its own copy of the base rates, and both schedules here multiply the
+    current rate by a factor per epoch, so the current rate is rescaled by new / old base:
+    the run continues where the schedule stands, from the new base.
+    """
+    for i, (group, new) in enumerate(zip(opt.param_groups, base_lrs)):
+        old = scheduler.base_lrs[i] if scheduler is not None else group["lr"]
+        if new == old:
+            continue
+        group["lr"] = new if scheduler is None else group["lr"] * (new / old)
+        if scheduler is not None:
+            group["initial_lr"] = new
+            scheduler.base_lrs[i] = new
+    if scheduler is not None:
+        scheduler._last_lr = [group["lr"] for group in opt.param_groups]
 
 
 def _estimator_state(est: binopt.Estimator) -> dict[str, Any]:
@@ -692,6 +788,27 @@ def _atomic_save(payload: dict, path: Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _remove_files(folder: Path, names: tuple[str, ...]) -> None:
+    """Delete ``folder/name`` for each name, then ``folder`` if that left it empty."""
+    for name in names:
+        (folder / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # missing, or holding files that are not ours
+        folder.rmdir()
+
+
+def _remove_previous_run(out: Path) -> None:
+    """Delete every output of an earlier run in ``out`` (see the module docstring).
+
+    A fresh run replaces some of them only at its end (``exported/``, ``summary.png``) and
+    others not at all (``dense/`` without a baseline): left in place, they would pass for
+    this run's results, e.g. ``load_exported(OUT/exported)`` would load the earlier model.
+    """
+    for name in (SUMMARY_NAME, PLOT_NAME, METRICS_NAME, CHECKPOINT_NAME):
+        (out / name).unlink(missing_ok=True)
+    _remove_files(out / EXPORT_DIR, EXPORT_FILES)
+    _remove_files(out / DENSE_DIR, (METRICS_NAME, CHECKPOINT_NAME))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -745,10 +862,11 @@ def _run_phase(
     device: torch.device,
     printer: _Printer,
     epoch_callback: Callable[[int, dict], None] | None,
-) -> tuple[list[dict], float]:
+) -> tuple[list[dict], float, list[dict[str, Any]]]:
     """Train one network for ``config.epochs`` epochs (resuming if asked).
 
-    Returns the metrics history and the accumulated training wall time.
+    Returns the metrics history, the accumulated training wall time and the settings that
+    resumes changed (``[{"epoch": first epoch with the new values, name: [old, new]}]``).
     """
     train_ds, val_ds, test_ds = data
     net = phase.net
@@ -766,9 +884,11 @@ def _run_phase(
             scaler = torch.amp.GradScaler("cuda")
     est_gen = phase.estimator_generator
     is_hc = isinstance(net.estimator, binopt.HardConcrete) and bool(net.gated_layers())
-    fingerprint = _fingerprint(config)
+    fingerprint = _fingerprint(config, phase.name)
 
     history: list[dict] = []
+    # [{"epoch": first epoch with the new values, setting: [old, new], ...}] over all resumes
+    changes: list[dict[str, Any]] = []
     start_epoch = 0
     train_time = 0.0
     torch.manual_seed(config.seed)
@@ -776,13 +896,19 @@ def _run_phase(
         ckpt = load_checkpoint(ckpt_path, map_location="cpu")
         if ckpt.get("format") != _CHECKPOINT_FORMAT or ckpt.get("phase") != phase.name:
             raise ConfigError(f"{ckpt_path} is not a {phase.name} checkpoint of this version")
-        old = ckpt.get("fingerprint", {})
+        old = _fingerprint_of(ckpt.get("fingerprint", {}), phase.name)
         diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
         if diff:
             details = ", ".join(f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in diff)
             raise ConfigError(
                 f"cannot resume from {ckpt_path}: it was written with other settings ({details}); "
                 "use the same settings or a new --out"
+            )
+        start_epoch = int(ckpt["epoch"])
+        if start_epoch > config.epochs:
+            raise ConfigError(
+                f"the checkpoint in {folder} has {start_epoch} finished epochs, more than "
+                f"--epochs {config.epochs}; resume with --epochs >= {start_epoch}"
             )
         try:
             net.load_state_dict(ckpt["model"])
@@ -807,9 +933,22 @@ def _run_phase(
         if est_gen is not None and rng.get("estimator") is not None:
             est_gen.set_state(rng["estimator"])
         history = list(ckpt["history"])
-        start_epoch = int(ckpt["epoch"])
         train_time = float(ckpt.get("train_time_s", 0.0))
+        changes = list(ckpt.get("setting_changes", []))
         printer.line(f"[{phase.name}] resumed from {ckpt_path} after epoch {start_epoch}")
+        # The restored optimizer and schedule carry the checkpoint's learning rates, and the
+        # network was built with this run's lam, so only the rates need setting here.
+        before = _retunable(ckpt.get("config", {}), phase.name)
+        now = _retunable(config.to_dict(), phase.name)
+        changed = {k: [before[k], now[k]] for k in now if before[k] != now[k]}
+        if changed:
+            lrs = [float(now["lr"])] + ([float(now["gate_lr"])] if len(opt.param_groups) > 1
+                                        else [])
+            _set_base_lrs(opt, scheduler, lrs)
+            if start_epoch < config.epochs:
+                changes.append({"epoch": start_epoch + 1, **changed})
+                printer.line(f"[{phase.name}] from epoch {start_epoch + 1}: " + ", ".join(
+                    f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
     else:
         if config.resume:
             printer.line(f"[{phase.name}] no checkpoint in {folder}; starting from scratch")
@@ -892,6 +1031,8 @@ def _run_phase(
         train_time += epoch_time
         row = _epoch_metrics(net, epoch, sums, wrong, seen, val_ds, test_ds, device, amp_dtype,
                              opt, epoch_time, train_time)
+        if changes and changes[-1]["epoch"] == epoch:
+            row["setting_changes"] = {k: v for k, v in changes[-1].items() if k != "epoch"}
         history.append(row)
         payload = {
             "format": _CHECKPOINT_FORMAT,
@@ -910,6 +1051,7 @@ def _run_phase(
                 "estimator": est_gen.get_state() if est_gen is not None else None,
             },
             "history": history,
+            "setting_changes": changes,
             "train_time_s": train_time,
             "versions": _versions(),
         }
@@ -921,16 +1063,19 @@ def _run_phase(
         printer.line(_epoch_line(label, row, config.epochs))
         if epoch_callback is not None and _CTX.is_main:
             epoch_callback(epoch, dict(row))
-    return history, train_time
+    return history, train_time, changes
 
 
 def _diverged(label: str, epoch: int, bad: NonFiniteLoss, steps_per_epoch: int,
               ckpt_path: Path) -> None:
-    where = (f"the last good checkpoint {ckpt_path} (after epoch {epoch - 1}) is intact"
-             if ckpt_path.exists() else "no epoch had finished, so there is no checkpoint")
+    if ckpt_path.exists():
+        where = (f"the last good checkpoint {ckpt_path} (after epoch {epoch - 1}) is intact; "
+                 "continue from it with --resume and a smaller --lr or --lam")
+    else:
+        where = "no epoch had finished, so there is no checkpoint; try a smaller --lr or --lam"
     raise TrainingDivergedError(
         f"training diverged: the {label} loss is {bad.value} at epoch {epoch}, "
-        f"step {bad.step}/{steps_per_epoch}; {where}. Try a smaller --lr or --lam.",
+        f"step {bad.step}/{steps_per_epoch}; {where}.",
         epoch=epoch, step=bad.step,
         checkpoint=str(ckpt_path) if ckpt_path.exists() else None,
     )
@@ -1066,6 +1211,8 @@ def _compression(net: GatedNetwork, dense: nn.Module, input_shape, device,
     """``params_kept_fraction`` and ``flops_kept_fraction``, from the exported module when
     :mod:`.export` and :mod:`.flops` exist, else estimated from the kept units."""
     result: dict[str, Any] = {}
+    if _CTX.is_main:  # a failed export below must not leave the previous one looking current
+        _remove_files(folder / EXPORT_DIR, EXPORT_FILES)
     try:
         from .export import export, save_exported
         from .flops import count_flops, count_params
@@ -1084,14 +1231,14 @@ def _compression(net: GatedNetwork, dense: nn.Module, input_shape, device,
             flops = count_flops(exported.module, tuple(input_shape))
             flops_dense = count_flops(dense, tuple(input_shape))
             if _CTX.is_main:
-                save_exported(exported, folder / "exported")
+                save_exported(exported, folder / EXPORT_DIR)
             result.update(
                 params_kept=int(params), params_dense=int(params_dense),
                 flops_kept=int(flops), flops_dense=int(flops_dense),
                 params_kept_fraction=params / params_dense if params_dense else 1.0,
                 flops_kept_fraction=flops / flops_dense if flops_dense else 1.0,
                 compression_method="export",
-                exported=str(folder / "exported"),
+                exported=str(folder / EXPORT_DIR),
             )
             return result
         except Exception as exc:  # an export bug must not lose a finished training run
@@ -1147,12 +1294,18 @@ def train(config: TrainConfig, *,
         ``kept_units``, ``total_units``, ``params_kept_fraction``,
         ``flops_kept_fraction``, ``expected_kept_fraction``, ``estimator``, ``lambda``,
         ``parameterization``, ``k``, ``model``, ``dataset``, ``epochs``, ``seed``,
-        ``data_seed``, ``versions``, ``device``, ``wall_time_s``, ``out`` and the config.
+        ``data_seed``, ``versions``, ``device``, ``wall_time_s``, ``out`` and the config;
+        ``setting_changes`` (``dense_setting_changes`` for the baseline) when a resume
+        changed ``lr``, ``gate_lr`` or ``lam``: ``[{"epoch": first epoch with the new
+        values, "lr": [old, new], ...}]``.
 
     Raises
     ------
     ConfigError
-        Invalid settings, missing data, or a checkpoint that does not match the settings.
+        Invalid settings, missing data, data that does not fit ``module`` (input dtype,
+        labels beyond its outputs), or a checkpoint that does not match the settings or
+        has finished more than ``epochs`` epochs. Invalid settings are reported before
+        any output of an earlier run in ``OUT`` is deleted.
     TrainingDivergedError
         The loss became NaN/inf; the last good checkpoint is intact.
     """
@@ -1223,8 +1376,9 @@ def _make_net(config: TrainConfig, module: nn.Module, num_train: int, gated: boo
         module = module.to(memory_format=torch.channels_last)
     if gated:
         gen = torch.Generator(device=device).manual_seed(config.seed)
-        estimator = binopt.get_estimator(config.estimator, generator=gen, validate_args=False,
-                                         **dict(config.estimator_options))
+        # value checks synchronise host and device every step: off unless asked for
+        options = {"validate_args": False, **dict(config.estimator_options)}
+        estimator = binopt.get_estimator(config.estimator, generator=gen, **options)
         lam: Any = config.lam
     else:
         gen, estimator, lam = None, binopt.get_estimator("arm", validate_args=False), 0.0
@@ -1252,30 +1406,38 @@ def _train(config: TrainConfig, device: torch.device, out: Path,
     num_train = len(train_ds)
     data = (_to_device(train_ds, device), _to_device(val_ds, device), _to_device(test_ds, device))
     printer = _Printer(bool(config.progress) and _CTX.is_main)
-    if not config.resume:  # never leave the summary of an earlier run next to a new one
-        (out / SUMMARY_NAME).unlink(missing_ok=True)
 
+    # Everything that can reject the settings runs before an earlier run's files are touched.
     module = _build_module(config, input_shape, num_classes, gated=True, user_module=user_module)
     net, est_gen = _make_net(config, module, num_train, True, device)
-    history: list[dict] = []
-    train_time = 0.0
-    if not dense_only:
-        history, train_time = _run_phase(_Phase("l0", net, out, est_gen), config, data, device,
-                                         printer, epoch_callback)
-
+    if user_module is not None or user_data is not None:
+        _check_data_fits(net, (train_ds, val_ds, test_ds), device)
     dense_module = _build_module(config, input_shape, num_classes, gated=False,
                                  user_module=user_module).to(device)
-    dense_history: list[dict] = []
-    dense_time = 0.0
+    dense_net = None
     if config.baseline == "dense" or dense_only:
         dense_net, _ = _make_net(config, dense_module, num_train, False, device)
-        dense_history, dense_time = _run_phase(
-            _Phase("dense", dense_net, out if dense_only else out / "dense", None),
+    if not config.resume and _CTX.is_main:
+        _remove_previous_run(out)
+
+    history: list[dict] = []
+    train_time = 0.0
+    changes: list[dict[str, Any]] = []
+    if not dense_only:
+        history, train_time, changes = _run_phase(
+            _Phase("l0", net, out, est_gen), config, data, device, printer, epoch_callback)
+
+    dense_history: list[dict] = []
+    dense_time = 0.0
+    dense_changes: list[dict[str, Any]] = []
+    if dense_net is not None:
+        dense_history, dense_time, dense_changes = _run_phase(
+            _Phase("dense", dense_net, out if dense_only else out / DENSE_DIR, None),
             config, data, device, printer, epoch_callback if dense_only else None)
         dense_module = dense_net.module
     if dense_only:
         return _dense_summary(config, net, dense_history, dense_time, dense_module, input_shape,
-                              num_train, val_ds, test_ds, device, out, t_start)
+                              num_train, val_ds, test_ds, device, out, t_start, dense_changes)
 
     last = history[-1]
     kept = net.kept_units()
@@ -1290,6 +1452,10 @@ def _train(config: TrainConfig, device: torch.device, out: Path,
         if "val_error" in dense_history[-1]:
             summary["dense_val_error"] = dense_history[-1]["val_error"]
         summary["dense_train_time_s"] = dense_time
+        if dense_changes:
+            summary["dense_setting_changes"] = dense_changes
+    if changes:
+        summary["setting_changes"] = changes
     summary.update(
         architecture=_architecture(kept),
         dense_architecture=_architecture(total_units),
@@ -1315,7 +1481,7 @@ def _train(config: TrainConfig, device: torch.device, out: Path,
 
 
 def _dense_summary(config, gated_net, history, train_time, dense_module, input_shape, num_train,
-                   val_ds, test_ds, device, out, t_start) -> dict[str, Any]:
+                   val_ds, test_ds, device, out, t_start, changes) -> dict[str, Any]:
     from .flops import count_flops, count_params
 
     last = history[-1]
@@ -1325,6 +1491,8 @@ def _dense_summary(config, gated_net, history, train_time, dense_module, input_s
     summary: dict[str, Any] = {"test_error": last["test_error"]}
     if "val_error" in last:
         summary["val_error"] = last["val_error"]
+    if changes:
+        summary["setting_changes"] = changes
     summary.update(
         dense_test_error=last["test_error"],
         architecture=_architecture(total_units),

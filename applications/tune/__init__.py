@@ -1,7 +1,8 @@
 """Optuna studies of the pruning-rate vs accuracy trade-off (``binopt tune``).
 
-Needs the ``tune`` extra (``pip install 'binopt[tune]'``: optuna, matplotlib, plotly).
-Importing this package does not import optuna; the names below load on first use:
+Needs the ``tune`` extra (optuna, matplotlib, plotly), installed from the binopt checkout
+with ``pip install -e '.[tune]'``. Importing this package does not import optuna; the names
+below load on first use:
 
 - :class:`~applications.tune.space.SearchSpace`, :class:`~applications.tune.space.FloatRange`
 - :class:`~applications.tune.study.TuneSettings`, :func:`~applications.tune.study.run_study`,

@@ -20,19 +20,26 @@ Print the results again without running anything::
     binopt tune --report --storage runs/tune/mlp-mnist5k-pareto/study.log
 
 This module imports optuna only when the command runs, so ``binopt --help`` works without
-it; a missing optuna is reported as one line asking to install ``binopt[tune]``.
+it; a missing optuna is reported as one line asking to install the ``tune`` extra.
+
+Exit status: 0 when at least one trial completed, 2 on a user error (nothing is trained
+and no trial uses up the budget), 1 when the study has no complete trial (the failed
+trials count towards ``--trials``; the message says how to run more).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
 
-INSTALL_HINT = "binopt tune needs optuna; install it with: pip install 'binopt[tune]'"
+# binopt is installed from a checkout (it is not on PyPI): the extra comes from there too
+INSTALL_HINT = ("binopt tune needs optuna; install it from the binopt checkout with: "
+                "pip install -e '.[tune]'")
 
 
 def register(subparsers: Any, name: str = "tune", help_text: str | None = None) -> None:
@@ -145,15 +152,17 @@ def _space(args: argparse.Namespace):
                 args.parameterization, name="parameterization",
                 allowed=[p for p in available_parameterizations() if p != "sigmoid"],
             ),
-            k=parse_float_spec(args.k, log=False, name="k", low=1e-6),
+            k=parse_float_spec(args.k, log=False, name="k", low=0.0, exclusive=True),
             estimator=parse_choices(
                 args.estimator, name="estimator",
                 allowed=[e for e in binopt.available_estimators() if e not in EXCLUDED_ESTIMATORS],
             ),
             init_drop_rate=parse_float_spec(args.init_drop_rate, log=False,
-                                            name="init-drop-rate", low=1e-6, high=1 - 1e-6),
-            lr=parse_float_spec(args.lr, log=True, name="lr", low=1e-12),
-            gate_lr=parse_float_spec(args.gate_lr, log=True, name="gate-lr", low=1e-12),
+                                            name="init-drop-rate", low=0.0, high=1.0,
+                                            exclusive=True),
+            lr=parse_float_spec(args.lr, log=True, name="lr", low=0.0, exclusive=True),
+            gate_lr=parse_float_spec(args.gate_lr, log=True, name="gate-lr", low=0.0,
+                                     exclusive=True),
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -251,4 +260,9 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(rp.format_report(rep))
     _print_files(paths)
+    problem = st.no_complete_trial_message(study, settings.n_trials)
+    if problem is not None:
+        # A run that produced nothing must not look like a success to scripts and CI.
+        print(f"binopt: error: {problem}", file=sys.stderr)
+        return 1
     return 0

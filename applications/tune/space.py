@@ -78,8 +78,39 @@ class FloatRange:
         return f"{self.low:g}:{self.high:g}" + (" (log)" if self.log else "")
 
 
+def _expected_float_spec(
+    low: float | None, high: float | None, exclusive: bool, log: bool
+) -> str:
+    """What a float option accepts, in words: ``"a number >= 0 or a range LOW:HIGH with
+    0 < LOW <= HIGH (log scale)"``."""
+    le = "<" if exclusive else "<="
+    if low is None and high is None:
+        single = "a number"
+    elif high is None:
+        single = f"a number {'>' if exclusive else '>='} {low:g}"
+    elif low is None:
+        single = f"a number {le} {high:g}"
+    else:
+        brackets = "()" if exclusive else "[]"
+        single = f"a number in {brackets[0]}{low:g}, {high:g}{brackets[1]}"
+    range_low, range_le = low, le
+    if log and (low is None or low <= 0):
+        # a log-scale range cannot start at (or below) zero even where a fixed zero is fine
+        range_low, range_le = 0.0, "<"
+    left = "" if range_low is None else f"{range_low:g} {range_le} "
+    right = "" if high is None else f" {le} {high:g}"
+    return (f"{single} or a range LOW:HIGH with {left}LOW <= HIGH{right}"
+            + (" (log scale)" if log else ""))
+
+
 def parse_float_spec(
-    text: str | float, *, log: bool, name: str, low: float | None = None, high: float | None = None
+    text: str | float,
+    *,
+    log: bool,
+    name: str,
+    low: float | None = None,
+    high: float | None = None,
+    exclusive: bool = False,
 ) -> FloatRange:
     """Parse ``"V"`` (fixed) or ``"LOW:HIGH"`` (searched).
 
@@ -88,34 +119,48 @@ def parse_float_spec(
     text : str or float
         The command-line value.
     log : bool
-        Scale of a searched range.
+        Scale of a searched range (its ``LOW`` must then be positive).
     name : str
-        Parameter name, for error messages.
+        Option name without the dashes, for error messages.
     low, high : float, optional
-        Admissible interval (inclusive) that every bound must lie in.
+        Admissible interval that every bound must lie in.
+    exclusive : bool
+        ``low`` and ``high`` themselves are excluded (default: included).
 
     Raises
     ------
     ValueError
-        On a malformed value or a bound outside ``[low, high]``.
+        On a malformed value, a bound outside the interval, ``LOW > HIGH`` or a log-scale
+        range with ``LOW <= 0``. The message names the option, says what it takes and
+        repeats the value given, e.g. ``--lam takes a number >= 0 or a range LOW:HIGH with
+        0 < LOW <= HIGH (log scale); got '-1'``.
     """
+    problem = ValueError(
+        f"--{name} takes {_expected_float_spec(low, high, exclusive, log)}; got {text!r}"
+    )
     if isinstance(text, int | float):
         parts = [float(text)]
     else:
         raw = str(text).strip().split(":")
         if len(raw) not in (1, 2) or any(not p.strip() for p in raw):
-            raise ValueError(f"--{name} takes a number or LOW:HIGH; got {text!r}")
+            raise problem
         try:
             parts = [float(p) for p in raw]
         except ValueError:
-            raise ValueError(f"--{name} takes a number or LOW:HIGH; got {text!r}") from None
+            raise problem from None
     for v in parts:
-        if (low is not None and not v >= low) or (high is not None and not v <= high):
-            raise ValueError(f"--{name} values must lie in [{low}, {high}]; got {text!r}")
+        if not math.isfinite(v):
+            raise problem
+        if low is not None and (v <= low if exclusive else v < low):
+            raise problem
+        if high is not None and (v >= high if exclusive else v > high):
+            raise problem
     lo, hi = parts[0], parts[-1]
+    if lo > hi or (log and lo != hi and lo <= 0):
+        raise problem
     try:
         return FloatRange(lo, hi, log=log and lo != hi)
-    except ValueError as exc:
+    except ValueError as exc:  # pragma: no cover - the checks above cover FloatRange's
         raise ValueError(f"--{name}: {exc}") from None
 
 

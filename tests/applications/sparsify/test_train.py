@@ -80,6 +80,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, estimato
     for key in ("test_error", "kept_units", "architecture", "expected_kept_fraction",
                 "params_kept_fraction"):
         assert resumed[key] == full[key], key
+    assert "setting_changes" not in resumed
     a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
     assert a["model"].keys() == b["model"].keys()
@@ -99,8 +100,15 @@ def test_resume_with_dense_baseline(tmp_path):
 
 def test_resume_refuses_other_settings(tmp_path):
     train(tiny(tmp_path, epochs=1))
-    with pytest.raises(ConfigError, match="other settings.*lam"):
-        train(tiny(tmp_path, epochs=2, lam=0.2, resume=True))
+    with pytest.raises(ConfigError, match=r"other settings \(k: 7.0 -> 3.0\)"):
+        train(tiny(tmp_path, epochs=2, k=3.0, resume=True))
+    # checkpoints of earlier versions fingerprinted the step sizes too; they still resume
+    path = tmp_path / "run" / "checkpoint.pt"
+    ckpt = load_checkpoint(path)
+    ckpt["fingerprint"].update(lr=1e-3, gate_lr=None, lam=0.05)
+    torch.save(ckpt, path)
+    assert train(tiny(tmp_path, epochs=2, lr=5e-4, resume=True))["setting_changes"][0]["lr"] \
+        == [1e-3, 5e-4]
 
 
 def test_resume_without_checkpoint_starts_afresh(tmp_path):
@@ -147,11 +155,18 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, mo
     message = str(info.value)
     assert "diverged" in message and "epoch 2" in message and "step 2" in message
     assert str(path) in message and "\n" not in message
+    assert "--resume and a smaller --lr or --lam" in message
     assert (info.value.epoch, info.value.step, info.value.checkpoint) == (2, 2, str(path))
     ckpt = load_checkpoint(path)  # intact and loadable
     assert ckpt["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert not list(path.parent.glob(".*tmp"))
+    # what the message advises works: continue from the checkpoint with a smaller step
+    monkeypatch.undo()
+    summary = train(dataclasses.replace(config, lr=5e-4, lam=0.02, resume=True))
+    assert summary["epochs"] == 3
+    assert summary["setting_changes"] == [
+        {"epoch": 2, "lr": [1e-3, 5e-4], "gate_lr": [1e-3, 5e-4], "lam": [0.05, 0.02]}]
 
 
 def test_nan_in_the_first_epoch_says_there_is_no_checkpoint(tmp_path, monkeypatch):
@@ -360,3 +375,207 @@ def test_optimizers_are_fused_where_supported(optimizer):
     assert gates["lr"] == 0.5 and gates["weight_decay"] == 0.0
     assert weights["lr"] == 0.01 and weights["weight_decay"] == 1e-4
     assert {id(p) for p in gates["params"]} == {id(p) for p in net.gate_parameters()}
+
+
+def test_resume_with_fewer_epochs_than_finished_is_refused(tmp_path):
+    train(tiny(tmp_path, epochs=3))
+    before = (tmp_path / "run" / "summary.json").read_text()
+    with pytest.raises(ConfigError, match=r"has 3 finished epochs, more than --epochs 2; "
+                                          r"resume with --epochs >= 3"):
+        train(tiny(tmp_path, epochs=2, resume=True))
+    assert (tmp_path / "run" / "summary.json").read_text() == before
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 3
+    # as many epochs as finished: nothing left to train, the summary is the checkpoint's
+    assert train(tiny(tmp_path, epochs=3, resume=True))["epochs"] == 3
+
+
+def _record_step_lrs(monkeypatch) -> list[list[float]]:
+    """The learning rate of every parameter group at every optimizer step."""
+    seen: list[list[float]] = []
+    original = train_mod._make_optimizer
+
+    def make(config, net):
+        opt = original(config, net)
+        opt.register_step_pre_hook(
+            lambda o, args, kwargs: seen.append([g["lr"] for g in o.param_groups]))
+        return opt
+
+    monkeypatch.setattr(train_mod, "_make_optimizer", make)
+    return seen
+
+
+def _record_lam(monkeypatch) -> list[dict]:
+    """The network's lam at every training step."""
+    seen: list[dict] = []
+    original = train_mod.GatedNetwork.objective
+
+    def objective(self, *args, **kwargs):
+        seen.append(dict(self.lam))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.GatedNetwork, "objective", objective)
+    return seen
+
+
+def test_resume_with_a_smaller_lr_and_lam_trains_with_them(tmp_path, monkeypatch):
+    train(tiny(tmp_path, epochs=1))
+    lrs, lams = _record_step_lrs(monkeypatch), _record_lam(monkeypatch)
+    summary = train(tiny(tmp_path, epochs=2, lr=5e-4, lam=0.02, resume=True))
+    assert len(lrs) == math.ceil(200 / 50) and all(lr == [5e-4, 5e-4] for lr in lrs)
+    assert lams and all(set(lam.values()) == {0.02} for lam in lams)
+    change = {"lr": [1e-3, 5e-4], "gate_lr": [1e-3, 5e-4], "lam": [0.05, 0.02]}
+    assert summary["setting_changes"] == [{"epoch": 2, **change}]
+    assert summary["lr"] == 5e-4 and summary["lambda"] == 0.02
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+            .splitlines()]
+    assert "setting_changes" not in rows[0] and rows[1]["setting_changes"] == change
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == [5e-4, 5e-4]
+    # a later resume with the same values changes nothing and keeps the record
+    lrs.clear()
+    again = train(tiny(tmp_path, epochs=3, lr=5e-4, lam=0.02, resume=True))
+    assert lrs and all(lr == [5e-4, 5e-4] for lr in lrs)
+    assert again["setting_changes"] == summary["setting_changes"]
+
+
+def test_resume_with_a_new_lr_continues_the_schedule_from_the_new_base(tmp_path, monkeypatch):
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, metrics):
+        raise Stop
+
+    config = tiny(tmp_path, epochs=3, lr_schedule="cosine", lr=1e-3, gate_lr=4e-3)
+    with pytest.raises(Stop):  # interrupted after epoch 1 of 3
+        train(config, epoch_callback=stop)
+    lrs = _record_step_lrs(monkeypatch)
+    train(dataclasses.replace(config, lr=5e-4, gate_lr=1e-3, resume=True))
+    steps = math.ceil(200 / 50)
+    for epoch in (2, 3):  # cosine over 3 epochs: base * (1 + cos(pi (epoch - 1) / 3)) / 2
+        factor = (1 + math.cos(math.pi * (epoch - 1) / 3)) / 2
+        for lr in lrs[(epoch - 2) * steps:(epoch - 1) * steps]:
+            assert lr == pytest.approx([5e-4 * factor, 1e-3 * factor], rel=1e-12)
+    assert len(lrs) == 2 * steps
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["scheduler"]["base_lrs"] == [5e-4, 1e-3]
+
+
+def test_dense_only_resume_ignores_gate_settings(tmp_path):
+    full = train_mod.train_dense(tiny(tmp_path, "full"))
+    train_mod.train_dense(tiny(tmp_path, "split", epochs=1))
+    resumed = train_mod.train_dense(tiny(tmp_path, "split", resume=True, lam=0.3, k=3.0,
+                                         estimator="disarm", init_drop_rate=0.1))
+    assert resumed["test_error"] == full["test_error"]
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert "setting_changes" not in resumed
+    with pytest.raises(ConfigError, match="other settings.*batch_size"):
+        train_mod.train_dense(tiny(tmp_path, "split", resume=True, batch_size=40))
+    # the dense network has no gates: only its lr counts as a change
+    again = train_mod.train_dense(tiny(tmp_path, "split", epochs=3, resume=True, lr=5e-4,
+                                       lam=0.3, gate_lr=0.1))
+    assert again["setting_changes"] == [{"epoch": 3, "lr": [1e-3, 5e-4]}]
+
+
+def _break(monkeypatch, module, name):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(module, name, broken)
+
+
+def test_fresh_run_removes_the_previous_runs_outputs(tmp_path, monkeypatch):
+    pytest.importorskip("applications.sparsify.export")
+    from applications.sparsify import export as export_mod
+    from applications.sparsify import results as results_mod
+
+    out = tmp_path / "run"
+    train(tiny(tmp_path, epochs=1, baseline="dense"))
+    assert (out / "exported" / "spec.json").exists() and (out / "summary.png").exists()
+    (out / "dense" / "notes.txt").write_text("mine")
+    # a new run whose export and plot fail: nothing of the earlier run may pass for its own
+    _break(monkeypatch, export_mod, "export")
+    _break(monkeypatch, results_mod, "plot_run")
+    with pytest.warns(RuntimeWarning, match="boom"):
+        summary = train(tiny(tmp_path, epochs=1, lam=0.01))
+    assert "exported" not in summary
+    assert not (out / "exported").exists() and not (out / "summary.png").exists()
+    assert sorted(p.name for p in (out / "dense").iterdir()) == ["notes.txt"]  # not ours
+    assert json.loads((out / "summary.json").read_text()) == summary
+    # a resume replaces the export at the end; a failed one must not leave the old one
+    monkeypatch.undo()
+    train(tiny(tmp_path, epochs=1))
+    assert (out / "exported" / "spec.json").exists()
+    _break(monkeypatch, export_mod, "export")
+    with pytest.warns(RuntimeWarning, match="boom"):
+        train(tiny(tmp_path, epochs=2, resume=True))
+    assert not (out / "exported").exists()
+
+
+def test_config_error_leaves_the_previous_run_alone(tmp_path):
+    out = tmp_path / "run"
+    train(tiny(tmp_path, epochs=1, baseline="dense"))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for bad in ({"lam": {"2": 0.1}}, {"model_options": {"hidden": [0]}}):
+        with pytest.raises(ConfigError):
+            train(tiny(tmp_path, epochs=1, **bad))
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_estimator_options_override_the_defaults(tmp_path):
+    train(tiny(tmp_path, epochs=1, estimator_options={"validate_args": True}))
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["estimator_state"]
+    assert state["_validate_args"] is True
+    with pytest.raises(ConfigError, match="estimator_options cannot set 'generator'"):
+        train(tiny(tmp_path, "other", estimator_options={"generator": None}))
+    assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"x": torch.float64}, r"inputs must have the model's dtype torch.float32; "
+                               r"got torch.float64"),
+        ({"y": 4}, r"labels must be class indices 0 \.\. 1 for a model with 2 outputs; "
+                   r"got labels up to 4"),
+        ({"features": 5}, r"cannot take the data's inputs of shape \(5,\)"),
+    ],
+)
+def test_own_data_that_does_not_fit_the_model_is_a_config_error(tmp_path, change, match):
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    mine = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    train_ds, test_ds = _toy_data(features=change.get("features", 6))
+    x, y = train_ds.tensors
+    if "x" in change:
+        x = x.to(change["x"])
+    if "y" in change:
+        y = y.clone()
+        y[0] = change["y"]
+    config = tiny(tmp_path, model="mine", dataset="toy", model_options={}, limit=None)
+    with pytest.raises(ConfigError, match=match):
+        train(config, module=mine, data=(TensorDataset(x, y), test_ds))
+
+
+def test_cli_errors_are_one_line_and_keep_the_previous_run(tmp_path, capsys):
+    from applications.cli import main
+
+    args = ["sparsify", "--limit", "100", "--batch-size", "50", "--model-options",
+            '{"hidden": [12]}', "--no-progress", "--device", "cpu", "--out",
+            str(tmp_path / "run"), "--estimator-options", '{"validate_args": true}']
+    assert main([*args, "--epochs", "2"]) == 0
+    summary = (tmp_path / "run" / "summary.json").read_text()
+    capsys.readouterr()
+    for extra, needle in (
+        (["--epochs", "1", "--resume"], "has 2 finished epochs, more than --epochs 1"),
+        (["--lam", "2=0.1"], "lam names unknown gated layers ['2']"),
+        (["--estimator-options", '{"generator": 1}'], "cannot set 'generator'"),
+    ):
+        assert main([*args, *extra]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("binopt: error: "), err
+        assert needle in err[0]
+        assert (tmp_path / "run" / "summary.json").read_text() == summary

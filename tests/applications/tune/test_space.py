@@ -25,8 +25,31 @@ def test_parse_float_spec_rejects(text):
 
 
 def test_parse_float_spec_bounds():
-    with pytest.raises(ValueError, match="must lie in"):
-        parse_float_spec("0.5:1.5", log=False, name="init-drop-rate", low=0.0, high=1.0)
+    with pytest.raises(ValueError) as info:
+        parse_float_spec("0.5:1.5", log=False, name="init-drop-rate", low=0.0, high=1.0,
+                         exclusive=True)
+    assert str(info.value) == (
+        "--init-drop-rate takes a number in (0, 1) or a range LOW:HIGH with 0 < LOW <= HIGH "
+        "< 1; got '0.5:1.5'")
+    with pytest.raises(ValueError, match=r"--k takes a number > 0 .*; got '0'"):
+        parse_float_spec("0", log=False, name="k", low=0.0, exclusive=True)
+    assert parse_float_spec("1", log=False, name="p", low=0.0, high=1.0).fixed  # inclusive
+    # lam = 0 (no L0 penalty) is a valid fixed value; only a log-scale *range* needs LOW > 0
+    zero = parse_float_spec("0", log=True, name="lam", low=0.0)
+    assert zero.fixed and zero.low == 0.0 and not zero.log
+
+
+@pytest.mark.parametrize("text", ["-1", "0:1", "2:1", "1:2:3", "x", "nan"])
+def test_lam_errors_name_the_option_the_syntax_and_the_value(text, capsys):
+    """``--lam -1`` used to say ``values must lie in [0.0, None]``: no option, no syntax."""
+    from applications.cli import main
+
+    assert main(["tune", f"--lam={text}", "--trials", "1"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        "binopt: error: --lam takes a number >= 0 or a range LOW:HIGH with 0 < LOW <= HIGH "
+        f"(log scale); got {text!r}")
+
 
 
 def test_parse_choices():

@@ -172,11 +172,112 @@ def test_failed_trials_are_recorded_and_the_study_goes_on(tmp_path, monkeypatch)
     assert not any(t.user_attrs.get("binopt_interrupted") for t in trials)
 
 
+@pytest.mark.parametrize("per_layer", [[], ["--lam-per-layer"]], ids=["global", "per-layer"])
+@pytest.mark.parametrize("root_kind", ["missing", "file"])
+def test_unloadable_data_stops_before_any_trial(tmp_path, monkeypatch, capsys, per_layer,
+                                                root_kind):
+    """A wrong --data-root used to fail every trial (exit 0, budget used up) or, with
+    --lam-per-layer, end in a traceback."""
+    monkeypatch.setattr(train_mod, "train", lambda *a, **k: pytest.fail("trained"))
+    root = tmp_path / "data"
+    if root_kind == "file":
+        root.write_text("not a folder")
+    log = tmp_path / "out" / "study.log"
+    rc = main(["tune", *TINY, "--dataset", "mnist", "--data-root", str(root), "--trials", "3",
+               "--storage", f"journal:{log}", "--study-name", "d", "--out",
+               str(tmp_path / "out"), "--quiet", *per_layer])
+    assert rc == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"binopt: error: cannot load the data of --dataset mnist "
+                           f"--data-root {root}: MNIST files not found")
+    problem = "is not a folder" if root_kind == "file" else "does not exist"
+    assert f"({root} {problem})" in line
+    assert not log.exists()  # no study, so no trial used up the budget
+
+
+def _failing_train(monkeypatch, exc: Exception) -> list[str]:
+    """Make every training raise ``exc``; returns the trial folders it was called for."""
+    calls: list[str] = []
+
+    def failing(config, *, epoch_callback=None):
+        calls.append(Path(config.out).name)
+        raise exc
+
+    monkeypatch.setattr(train_mod, "train", failing)
+    return calls
+
+
+def test_no_complete_trial_exits_non_zero_and_says_how_to_go_on(tmp_path, monkeypatch,
+                                                                   capsys):
+    storage = f"journal:{tmp_path / 'study.log'}"
+    args = ["tune", *TINY, "--trials", "2", "--storage", storage, "--study-name", "n",
+            "--out", str(tmp_path), "--quiet"]
+    real = train_mod.train
+    calls = _failing_train(monkeypatch, RuntimeError("boom"))
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert "(no complete trial)" in captured.out  # the report is still written
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("binopt: error: no trial of study 'n' completed (2 fail; first "
+                           "error: RuntimeError: boom)")
+    assert "(2 of 2 used)" in line and "raise --trials above 2" in line
+    # the failed trials use up the budget: the same command trains nothing and fails again
+    assert main(args) == 1 and calls == ["0000", "0001"]
+    assert len(load(storage, "n").trials) == 2
+    # as the message says, a larger --trials adds trials
+    monkeypatch.setattr(train_mod, "train", real)
+    args[args.index("--trials") + 1] = "3"
+    assert main(args) == 0
+    assert [t.state for t in load(storage, "n").trials] == [
+        TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+
+
+def test_user_error_in_a_trial_stops_the_worker_and_keeps_the_budget(tmp_path, monkeypatch,
+                                                                      capsys):
+    storage = f"journal:{tmp_path / 'study.log'}"
+    args = ["tune", *TINY, "--trials", "2", "--storage", storage, "--study-name", "u",
+            "--out", str(tmp_path), "--quiet"]
+    real = train_mod.train
+    calls = _failing_train(monkeypatch, train_mod.ConfigError("cannot create output folder X"))
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "binopt: error: cannot create output folder X"]
+    assert calls == ["0000"]  # the second trial would fail alike: not tried
+    (failed,) = load(storage, "u").trials
+    assert failed.state == TrialState.FAIL and failed.user_attrs["binopt_user_error"]
+    assert "cannot create output folder X" in failed.user_attrs["error"]
+    # once the cause is fixed, the same command runs both trials
+    monkeypatch.setattr(train_mod, "train", real)
+    assert main(args) == 0
+    trials = load(storage, "u").trials
+    assert [t.state for t in trials] == [TrialState.FAIL, *[TrialState.COMPLETE] * 2]
+
+
+def test_user_error_in_a_retry_queues_the_retry_again(tmp_path, monkeypatch):
+    from applications.tune.study import open_storage
+
+    storage = f"journal:{tmp_path / 'study.log'}"
+    study = optuna.create_study(storage=open_storage(storage), study_name="r",
+                                directions=["minimize", "minimize"])
+    attrs = {"binopt_retry_of": 7, "binopt_run_dir": str(tmp_path / "trials" / "0007")}
+    study.enqueue_trial({"lam": 0.1, "estimator": "arm"}, user_attrs=attrs)
+    _failing_train(monkeypatch, train_mod.ConfigError("disk full"))
+    rc = main(["tune", *TINY, "--trials", "1", "--storage", storage, "--study-name", "r",
+               "--out", str(tmp_path), "--quiet"])
+    assert rc == 2
+    failed, queued = load(storage, "r").trials
+    assert failed.state == TrialState.FAIL and failed.user_attrs["binopt_user_error"]
+    assert queued.state == TrialState.WAITING
+    assert {k: queued.user_attrs[k] for k in attrs} == attrs
+    assert queued.system_attrs["fixed_params"] == failed.params
+
+
 def test_missing_optuna_is_one_line(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "optuna", None)
     assert main(["tune", "--trials", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "binopt[tune]" in err[0]
+    # binopt is installed from a checkout, not from PyPI ('binopt[tune]')
+    assert len(err) == 1 and "pip install -e '.[tune]'" in err[0]
 
 
 def test_storage_specs(tmp_path):
