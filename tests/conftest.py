@@ -5,14 +5,16 @@ draw a seed from the example and build a ``torch.Generator`` from it (DESIGN.md,
 
 Profiles
 --------
-``ci``
-    Loaded when the environment variable ``CI`` is set. ``derandomize=True`` makes every
-    run draw the same examples (as numpy, scipy and pytorch do in their CI),
-    ``database=None`` keeps no state between runs, ``deadline=None`` because timings on
-    shared CI machines are noisy, ``print_blob=True`` prints a reproduction blob on failure.
+``ci`` (the default)
+    ``derandomize=True`` makes every run draw the same examples (as numpy, scipy and
+    pytorch do in their CI), so the statistical tests run with fixed seeds wherever they
+    run: ``make test``, ``.ci/run``, a plain ``pytest``. ``database=None`` keeps no state
+    between runs, ``deadline=None`` because timings on shared machines are noisy,
+    ``print_blob=True`` prints a reproduction blob on failure.
 ``dev``
-    Everything else: fresh random examples each run (failures are saved in the local
-    example database and replayed first), no deadline.
+    Opt-in with ``HYPOTHESIS_PROFILE=dev``: fresh random examples each run (failures are
+    saved in the local example database and replayed first), no deadline. Use it to hunt
+    for new counterexamples; a statistical test may then fail at its family-wise rate.
 
 ``max_examples`` is kept modest in both so that the core suite runs in well under 90 s on
 two CPU cores; statistical tests read ``settings().max_examples`` to size their
@@ -40,7 +42,7 @@ settings.register_profile(
     max_examples=_MAX_EXAMPLES,
 )
 settings.register_profile("dev", deadline=None, max_examples=_MAX_EXAMPLES)
-settings.load_profile("ci" if os.environ.get("CI") else "dev")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 _CORE_TESTS = (Path(__file__).parent / "binopt", Path(__file__).parent / "test_docs.py")

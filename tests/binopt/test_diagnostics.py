@@ -219,14 +219,29 @@ def test_bias_reports_z_scores():
         return (z**2).sum(-1)
 
     logits = torch.tensor([1.0, -1.0], dtype=DTYPE)
+    exact = binopt.exact_grad(f, logits)
     res = diagnostics.bias(binopt.Exact(), f, logits, num_samples=10)
+    torch.testing.assert_close(res["exact"], exact, rtol=1e-12, atol=0.0)
     assert res["bias"].abs().max() < 1e-12
+    assert torch.equal(res["std_error"], torch.zeros(2, dtype=DTYPE))
     assert torch.isnan(res["z"]).all()  # zero standard error: no z-score
+
+    n = 20_000
     res = diagnostics.bias(
-        binopt.ARM(generator=torch.Generator().manual_seed(0)), f, logits, num_samples=20_000
+        binopt.ARM(generator=torch.Generator().manual_seed(0)), f, logits, num_samples=n
     )
-    assert res["z"].abs().max() < 5
-    assert res["stats"].flat("mean").shape == (2,)
+    # the same draws, by hand: bias = mean - exact gradient, z = bias / standard error
+    g = binopt.ARM(generator=torch.Generator().manual_seed(0)).grad(f, logits, num_samples=n)
+    se = g.std(0) / math.sqrt(n)
+    torch.testing.assert_close(res["exact"], exact, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(res["bias"], g.mean(0) - exact, rtol=1e-9, atol=1e-15)
+    torch.testing.assert_close(res["std_error"], se, rtol=1e-9, atol=0.0)
+    assert (res["std_error"] > 0).all()
+    torch.testing.assert_close(res["z"], res["bias"] / res["std_error"], rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(res["stats"].flat("mean"), g.mean(0))
+    # ARM is unbiased: each z is standard normal; two-sided Bonferroni over the 2 units
+    z_crit = float(norm.isf(FAMILY_ALPHA / (2 * 2)))
+    assert (res["z"].abs() <= z_crit).all(), (res["z"].tolist(), z_crit)
 
 
 def test_standard_error_bound():

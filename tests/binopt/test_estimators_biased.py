@@ -119,8 +119,13 @@ def test_biased_on_sum_of_squares(name):
         assert known.tolist() == [True, False, True]  # pi = 1/2 at alpha = 0: no bias there
     else:
         assert known.all()
+    # the z-scores are bias / standard error, with the bias's (predicted) sign
+    torch.testing.assert_close(res["bias"], mean - res["exact"], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(res["std_error"], se, rtol=0.0, atol=0.0)
+    torch.testing.assert_close(res["z"], res["bias"] / se, rtol=1e-12, atol=0.0)
     assert (res["z"][known].abs() > Z).all(), f"{name}: z-scores {res['z'].tolist()}, Z={Z:.2f}"
     assert torch.sign(res["bias"][known]).equal(torch.sign(predicted_bias[known]))
+    assert torch.sign(res["z"][known]).equal(torch.sign(predicted_bias[known]))
 
 
 def test_biased_estimators_are_the_declared_ones():

@@ -158,6 +158,25 @@ def test_linear_look_ahead_skips_outputs_gated_off_next():
     assert looks == ["3", "5", None]
 
 
+def _spy_samples(net: GatedNetwork) -> dict:
+    """Record the gate samples (layer name -> ``(S, units)``) the estimator hands to ``f``."""
+    seen = {}
+    original = net.estimator._estimate
+    layers = net.gated_layers()
+
+    def spy(call_f, alphas):
+        def call(samples):
+            (flat,) = samples
+            parts = flat.detach().clone().split([g.gate.num_units for g in layers.values()], 1)
+            seen.update(zip(layers, parts))
+            return call_f(samples)
+
+        return original(call, alphas)
+
+    net.estimator._estimate = spy
+    return seen
+
+
 @pytest.mark.parametrize("model", ["mlp", "lenet5", "wrn"])
 def test_last_sample_weight_gradient(model):
     """``weight_grad='last'``: the weights get the gradient of the loss at the second
@@ -168,20 +187,7 @@ def test_last_sample_weight_gradient(model):
     x, y = _data(model, 6)
     net = GatedNetwork(copy.deepcopy(module), "arm", lam=0.0, conditional=True,
                        generator=torch.Generator().manual_seed(7))
-    seen = {}
-    original = net.estimator._estimate
-    layers = net.gated_layers()
-
-    def spy(call_f, alphas):  # the gate samples the estimator hands to f
-        def call(samples):
-            (flat,) = samples
-            parts = flat.detach().clone().split([g.gate.num_units for g in layers.values()], 1)
-            seen.update(zip(layers, parts))
-            return call_f(samples)
-
-        return original(call, alphas)
-
-    net.estimator._estimate = spy
+    seen = _spy_samples(net)
     net.objective(x, y).loss.backward()
     assert seen
     got = {
@@ -200,16 +206,53 @@ def test_last_sample_weight_gradient(model):
         assert torch.allclose(got[n], expected, rtol=1e-9, atol=1e-12), n
 
 
-def test_mean_weight_gradient_averages_both_samples():
+@pytest.mark.parametrize("estimator", ["arm", "disarm"])
+@pytest.mark.parametrize("model", ["mlp", "lenet5", "wrn"])
+def test_mean_weight_gradient_averages_both_samples(model, estimator):
+    """``weight_grad='mean'``: the weights get the gradient of the mean of the losses at
+    both samples, each recomputed here by a masked forward pass; ``'last'`` (same samples)
+    differs from it, and both hand the gates the same gradient."""
     torch.manual_seed(0)
-    module = MODELS["mlp"][0]()
+    module = MODELS[model][0]()
     _set_probs(GatedNetwork(module), seed=8)
-    x, y = _data("mlp", 9)
-    _, last, _ = _step_grads(module, x, y, "arm", True, "last", 10)
-    _, mean, _ = _step_grads(module, x, y, "arm", True, "mean", 10)
-    # same samples, same phi gradient; weight gradients differ (one sample vs two)
-    phi = [n for n in last if n.endswith("phi")]
-    _assert_close({n: last[n] for n in phi}, {n: mean[n] for n in phi})
+    x, y = _data(model, 9)
+    got, seen = {}, {}
+    for weight_grad in ("mean", "last"):
+        net = GatedNetwork(copy.deepcopy(module), estimator, lam=0.0, conditional=True,
+                           weight_grad=weight_grad,
+                           generator=torch.Generator().manual_seed(10))
+        seen[weight_grad] = _spy_samples(net)
+        net.objective(x, y).loss.backward()
+        got[weight_grad] = {
+            n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+            for n, p in net.module.named_parameters()
+        }
+    samples = seen["mean"]
+    assert samples and all(v.shape[0] == 2 for v in samples.values())
+    for name in samples:  # the same random numbers: the same two samples
+        assert torch.equal(samples[name], seen["last"][name]), name
+    # the two samples differ somewhere, so one-sample and two-sample gradients can differ
+    assert any(not torch.equal(v[0], v[1]) for v in samples.values())
+
+    ref = copy.deepcopy(module)
+    ref_net = GatedNetwork(ref, estimator, lam=0.0)
+    losses = []
+    for s in range(2):  # each sample on its own, masked
+        with ref_net.sampled({k: v[s : s + 1] for k, v in samples.items()}):
+            losses.append(F.cross_entropy(ref(x), y))
+    ((losses[0] + losses[1]) / 2).backward()
+    expected = {
+        n: torch.zeros_like(p) if p.grad is None else p.grad
+        for n, p in ref.named_parameters() if not n.endswith("phi")
+    }
+    _assert_close({n: got["mean"][n] for n in expected}, expected)
+    # ... which is not the last sample's gradient alone
+    diff = max(float((got["mean"][n] - got["last"][n]).abs().max()) for n in expected)
+    scale = max(float(g.abs().max()) for g in expected.values())
+    assert diff > 1e-3 * scale, (diff, scale)
+    phi = [n for n in got["mean"] if n.endswith("phi")]
+    assert phi
+    _assert_close({n: got["mean"][n] for n in phi}, {n: got["last"][n] for n in phi})
 
 
 def test_running_stats_follow_the_gradient_sample_only():

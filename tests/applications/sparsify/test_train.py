@@ -41,7 +41,8 @@ def tiny(tmp_path, name="run", **overrides) -> TrainConfig:
 
 def test_train_writes_every_output(tmp_path):
     seen = []
-    config = tiny(tmp_path, baseline="dense", validation_fraction=0.25)
+    # lam = 0.01: some units of every layer survive, so the export is not a stub
+    config = tiny(tmp_path, baseline="dense", validation_fraction=0.25, lam=0.01)
     summary = train(config, epoch_callback=lambda e, m: seen.append((e, m)))
     out = tmp_path / "run"
     assert SUMMARY_KEYS | {"val_error", "dense_test_error"} <= set(summary)
@@ -60,10 +61,40 @@ def test_train_writes_every_output(tmp_path):
     kept = summary["kept_units"]
     assert summary["architecture"] == "-".join(str(v) for v in kept.values())
     assert all(0 <= kept[n] <= summary["total_units"][n] for n in kept)
-    assert 0.0 <= summary["params_kept_fraction"] <= 1.0
-    assert 0.0 <= summary["flops_kept_fraction"] <= 1.0
+    _assert_export_counts(summary, out)
     assert summary["num_train"] == 150 and summary["num_val"] == 50
     assert 0.0 <= summary["test_error"] <= 1.0 and 0.0 <= summary["dense_test_error"] <= 1.0
+
+
+def _mlp_counts(widths: list[int]) -> tuple[int, int]:
+    """Parameters (weights and biases) and multiply-accumulates of an MLP, by hand."""
+    pairs = list(zip(widths[:-1], widths[1:]))
+    return sum(a * b + b for a, b in pairs), sum(a * b for a, b in pairs)
+
+
+def _assert_export_counts(summary: dict, out) -> None:
+    """The kept counts and fractions of the summary are those of ``OUT/exported`` against
+    the dense twin of the 784-20-10-10 MLP of :func:`tiny`."""
+    from applications.sparsify.export import load_exported
+    from applications.sparsify.flops import count_flops, count_params
+    from applications.sparsify.models import mlp
+
+    assert summary["compression_method"] == "export"
+    assert summary["exported"] == str(out / "exported")
+    small = load_exported(out / "exported")
+    params, flops = count_params(small), count_flops(small, (1, 28, 28))
+    dense = mlp((784, 20, 10, 10), gated=False)
+    params_dense, flops_dense = count_params(dense), count_flops(dense, (1, 28, 28))
+    assert (params_dense, flops_dense) == _mlp_counts([784, 20, 10, 10]) == (16020, 15980)
+    # the export keeps exactly the units whose test-time gate is on (inputs of each layer)
+    kept = summary["kept_units"]
+    assert min(kept.values()) > 0
+    assert (params, flops) == _mlp_counts([kept["1"], kept["3"], kept["5"], 10])
+    assert summary["params_kept"] == params and summary["params_dense"] == params_dense
+    assert summary["flops_kept"] == flops and summary["flops_dense"] == flops_dense
+    assert summary["params_kept_fraction"] == pytest.approx(params / params_dense, rel=1e-12)
+    assert summary["flops_kept_fraction"] == pytest.approx(flops / flops_dense, rel=1e-12)
+    assert params < params_dense and flops < flops_dense  # something was pruned
 
 
 def _strip_times(rows):
@@ -288,7 +319,21 @@ def test_params_fallback_without_export_module(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "applications.sparsify.export", None)
     summary = train(tiny(tmp_path, epochs=1))
     assert summary["compression_method"] == "estimate"
-    assert 0.0 < summary["params_kept_fraction"] <= 1.0
+    assert "exported" not in summary and not (tmp_path / "run" / "exported").exists()
+    # by hand: the weights (no biases) of the kept units of every gated layer; an input
+    # unit of an L0Linear layer is a group of out_features weights, one MAC each per example
+    kept, total = summary["kept_units"], summary["total_units"]
+    out_features = {"1": 20, "3": 10, "5": 10}
+    assert total == {"1": 784, "3": 20, "5": 10}
+    assert any(kept[n] < total[n] for n in kept)  # some gates are off
+    params = sum(kept[n] * out_features[n] for n in kept)
+    params_dense = sum(total[n] * out_features[n] for n in total)
+    assert params_dense == 784 * 20 + 20 * 10 + 10 * 10
+    assert summary["params_kept"] == params and summary["params_dense"] == params_dense
+    assert summary["flops_kept"] == params and summary["flops_dense"] == params_dense
+    assert summary["params_kept_fraction"] == pytest.approx(params / params_dense, rel=1e-12)
+    assert summary["flops_kept_fraction"] == pytest.approx(params / params_dense, rel=1e-12)
+    assert summary["params_kept_fraction"] < 1.0
 
 
 def test_export_failure_falls_back_with_a_warning(tmp_path, monkeypatch):

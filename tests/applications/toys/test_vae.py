@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from statistics import NormalDist
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import binopt
 from applications.toys._common import parse_estimator_list, parse_estimator_spec
@@ -128,31 +132,126 @@ def test_loss_gradient_is_unbiased_for_the_exact_elbo():
         assert torch.all((mean - e).abs() <= Z_BOUND * se + 1e-9)
 
 
+def _enumerated_bounds(model, x):
+    """Exact per-example quantities of a model with few latents, by enumerating ``z``.
+
+    Returns a dict of ``(N,)`` float64 tensors: ``log_px`` (``log p(x)``), ``elbo`` and
+    ``var_log_w`` (mean and variance of ``log w = log p(x, z) - log q(z|x)`` under ``q``),
+    ``var_rec`` (variance of ``log p(x|z)`` under ``q``), ``iwae2`` and ``var_iwae2``
+    (mean and variance of the K = 2 bound, over all pairs of states) and ``chi2``
+    (``E_q[(w / p(x))^2] - 1``, which gives the delta-method variance of the K-sample
+    bound, ``chi2 / K``).
+    """
+    m = copy.deepcopy(model).double()
+    x = x.double()
+    n, pixels = x.shape
+    states = binopt.estimators.all_states(m.latent_dim, dtype=torch.float64)
+    s = states.shape[0]
+    with torch.no_grad():
+        logits = m.encode(x).unsqueeze(1)  # (N, 1, L)
+        log_q = (states * F.logsigmoid(logits) + (1 - states) * F.logsigmoid(-logits)).sum(-1)
+        log_rec = m.log_px_given_z(
+            x.unsqueeze(1).expand(n, s, pixels), states.expand(n, s, m.latent_dim)
+        )
+        log_joint = log_rec + m.log_prior(states)
+    q = log_q.exp()
+    log_w = log_joint - log_q
+    log_px = torch.logsumexp(log_joint, 1)
+    elbo_ = (q * log_w).sum(1)
+    rec = (q * log_rec).sum(1)
+    l2 = torch.logaddexp(log_w.unsqueeze(2), log_w.unsqueeze(1)) - math.log(2)  # (N, S, S)
+    q2 = q.unsqueeze(2) * q.unsqueeze(1)
+    iwae2 = (q2 * l2).sum((1, 2))
+    return {
+        "log_px": log_px,
+        "elbo": elbo_,
+        "var_log_w": (q * (log_w - elbo_.unsqueeze(1)) ** 2).sum(1),
+        "var_rec": (q * (log_rec - rec.unsqueeze(1)) ** 2).sum(1),
+        "iwae2": iwae2,
+        "var_iwae2": (q2 * (l2 - iwae2.view(-1, 1, 1)) ** 2).sum((1, 2)),
+        "chi2": (q * (log_w - log_px.unsqueeze(1)).exp() ** 2).sum(1) - 1,
+    }
+
+
 def test_iwae_bound_is_tighter_than_the_elbo_and_k1_is_the_elbo():
+    """Against exact values from enumerating the 2^6 latent states of a tiny model.
+
+    Each bound is a mean over ``N`` examples of independent per-example estimates, so its
+    standard error is ``sqrt(sum_i Var_i) / N`` with ``Var_i`` the exact per-example
+    variance (for K = 100 the delta-method ``chi2_i / K``, first order in 1/K; it is used
+    only for the two one-sided checks, where the margins are wide).
+    Checks: ELBO(200 draws) and the K = 1 bound equal the exact ELBO, the K = 2 bound its
+    exact expectation, and E[L_2] <= L_100 <= log p(x) (``E[L_K]`` grows with K, toward
+    log p(x)).
+    """
     model, _ = _tiny(latent=6, pixels=10)
-    x = (torch.rand(300, 10, generator=torch.Generator().manual_seed(1)) < 0.5).double()
     model = model.float()
-    x = x.float()
-    e = elbo(model, x, num_samples=200, seed=0)
-    assert iwae_bound(model, x, num_samples=100, seed=0) > e
+    n = 2000
+    x = (torch.rand(n, 10, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+    ex = {k: v.double() for k, v in _enumerated_bounds(model, x).items()}
+    log_px, exact_elbo, exact_iwae2 = (float(ex[k].mean()) for k in ("log_px", "elbo", "iwae2"))
+
+    def se(per_example_var):
+        return float(per_example_var.sum().sqrt()) / n
+
+    # 5 checks on fixed seeds, family-wise false-alarm probability 1e-4 (Bonferroni)
+    z_bound = NormalDist().inv_cdf(1 - 1e-4 / (2 * 5))  # 4.26
+    e200 = elbo(model, x, num_samples=200, seed=0)
+    assert abs(e200 - exact_elbo) <= z_bound * se(ex["var_rec"] / 200)
     k1 = iwae_bound(model, x, num_samples=1, seed=0)
-    assert k1 == pytest.approx(e, abs=0.25)  # one-sample bound: same expectation
+    assert abs(k1 - exact_elbo) <= z_bound * se(ex["var_log_w"])  # one sample: the ELBO
+    k2 = iwae_bound(model, x, num_samples=2, seed=0)
+    assert abs(k2 - exact_iwae2) <= z_bound * se(ex["var_iwae2"])
+    k100 = iwae_bound(model, x, num_samples=100, seed=0)
+    se100 = se(ex["chi2"] / 100)
+    assert exact_iwae2 - z_bound * se100 <= k100 <= log_px + z_bound * se100
+    # the enumeration itself: ELBO < E[L_2] < log p(x) (0.09 and 0.11 nats apart here)
+    assert exact_elbo < exact_iwae2 < log_px
 
 
-def test_basket_statistics_order_estimators_as_expected():
+def test_basket_statistics_match_the_raw_gradients():
+    """Every statistic of ``gradient_basket`` recomputed from the raw per-repetition
+    gradients (same seeds: estimator ``i`` draws from ``seed * 1000 + i``, ``chunk`` at a
+    time) with plain numpy formulas, to rounding."""
     model, x = _tiny(latent=6, pixels=12, batch=4)
     model = model.float()
     x = x.float()
     specs = parse_estimator_list("reinforce,disarm")
-    out = gradient_basket(model, x, specs, reps=300, chunk=100, seed=0)
+    reps, chunk = 300, 100
+    out = gradient_basket(model, x, specs, reps=reps, chunk=chunk, seed=0)
     assert set(out) == {"reinforce", "disarm"}
-    for stats in out.values():
-        assert stats["variance"] > 0 and stats["variance_se"] > 0
-        assert stats["variance_x_evaluations"] == stats["variance"] * stats["evaluations"]
-    assert out["disarm"]["variance"] < out["reinforce"]["variance"]
-    params, logit_grads = basket_gradients(model, x, binopt.DisARM(), 5)
     n_params = sum(p.numel() for p in model.encoder.parameters())
-    assert params.shape == (5, n_params) and logit_grads.shape == (5, 4 * 6)
+    for i, spec in enumerate(specs):
+        est = spec.build(generator=torch.Generator().manual_seed(i))
+        parts = [basket_gradients(model, x, est, chunk) for _ in range(reps // chunk)]
+        gp = torch.cat([p for p, _ in parts]).double().numpy()
+        gl = torch.cat([g for _, g in parts]).double().numpy()
+        assert gp.shape == (reps, n_params) and gl.shape == (reps, 4 * 6)
+        c = gp - gp.mean(0)
+        var = (c**2).sum(0) / (reps - 1)
+        m4 = (c**4).mean(0)
+        # Var(s^2) = (mu4 - sigma^4 (n-3)/(n-1)) / n, floored at 2 sigma^4 / (n (n-1))
+        var_of_var = np.maximum(
+            (m4 - var**2 * (reps - 3) / (reps - 1)) / reps, 2 * var**2 / (reps * (reps - 1))
+        )
+        stats = out[spec.label]
+        expected = {
+            "variance": var.mean(),
+            "variance_se": np.sqrt(var_of_var.sum()) / n_params,
+            "variance_x_evaluations": var.mean() * est.evaluations_per_estimate,
+            "logit_variance": gl.var(0, ddof=1).mean(),
+        }
+        for key, value in expected.items():
+            assert stats[key] == pytest.approx(value, rel=1e-9), (spec.label, key)
+        assert stats["evaluations"] == est.evaluations_per_estimate
+        assert stats["reps"] == reps
+        # |mean|^2 - trace(Var)/reps: a difference of two terms, compared to their size
+        sq_mean, trace_term = (gp.mean(0) ** 2).sum(), var.sum() / reps
+        assert trace_term > 1e-3 * sq_mean  # the correction is not negligible here
+        assert stats["mean_sq_norm"] == pytest.approx(
+            sq_mean - trace_term, abs=1e-9 * (sq_mean + trace_term)
+        )
+    assert out["disarm"]["variance"] < out["reinforce"]["variance"]
 
 
 def test_mnist_split_is_fixed_stratified_and_disjoint():

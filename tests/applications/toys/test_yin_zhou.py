@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from statistics import NormalDist
+
 import pytest
 import torch
 
 import binopt
 from applications.toys._common import parse_estimator_list
-from applications.toys.yin_zhou import YinZhouToy, train_toy
+from applications.toys.yin_zhou import EXACT_VARIANCE_MAX_DIM, YinZhouToy, train_toy
 
 
 @pytest.mark.parametrize("mode", ["max", "min"])
@@ -64,12 +67,44 @@ def test_training_finds_the_right_answer_and_records_curves():
 
 
 def test_monte_carlo_variance_is_used_beyond_the_exact_limit():
-    specs = parse_estimator_list("reinforce")
-    out = train_toy(YinZhouToy(0.49, 6), specs, steps=2, eval_every=1, variance_samples=4000)
+    """D = 6 > EXACT_VARIANCE_MAX_DIM: the variance at step 0 (phi = 0) is a Monte Carlo
+    estimate, compared with the exact value within Z of its exact standard error.
+
+    The reported statistic is the mean over units of the per-unit sample variances of ``n``
+    REINFORCE estimates, i.e. the U-statistic ``(1 / n(n-1)) sum_{k != l} h(g_k, g_l)`` with
+    kernel ``h(a, b) = |a - b|^2 / (2 D)``. Its exact variance is
+    ``(4 (n - 2) zeta1 + 2 zeta2) / (n (n - 1))`` with ``zeta1 = Var_a E_b h(a, b)`` and
+    ``zeta2 = Var h(a, b)``, both by enumerating the 2^6 states. The units are NOT
+    independent (at phi = 0 every ``g_i^2 = f^2 / 4``), so summing per-unit standard errors
+    in quadrature would understate this one by about sqrt(D).
+    """
+    toy, n = YinZhouToy(0.49, 6), 4000
+    assert toy.dim > EXACT_VARIANCE_MAX_DIM
+    out = train_toy(
+        toy, parse_estimator_list("reinforce"), steps=2, eval_every=1, variance_samples=n
+    )
     curve = out["estimators"]["reinforce"]
     assert curve["variance_method"] == "monte_carlo"
-    # at phi = 0 each unit's REINFORCE variance is E[f^2]/4 - (grad)^2 with f ~ -1.5
-    exact = binopt.diagnostics.exact_variance(
-        "reinforce", YinZhouToy(0.49, 6).loss, torch.zeros(6, dtype=torch.float64)
-    )
-    assert curve["variance_mean"][0] == pytest.approx(float(exact["variance"].mean()), rel=0.1)
+
+    # REINFORCE (no baseline) at phi = 0: g(z) = f(z) (z - 1/2), every state has prob 2^-6
+    logits = torch.zeros(toy.dim, dtype=torch.float64)
+    states = binopt.estimators.all_states(toy.dim, dtype=torch.float64)
+    q = torch.full((len(states),), 2.0**-toy.dim, dtype=torch.float64)
+    g = toy.loss(states).unsqueeze(1) * (states - 0.5)
+    mean = q @ g
+    exact = binopt.diagnostics.exact_variance("reinforce", toy.loss, logits)
+    torch.testing.assert_close(mean, exact["mean"])  # the table is REINFORCE's estimate
+    torch.testing.assert_close(q @ (g - mean) ** 2, exact["variance"])
+
+    h = ((g.unsqueeze(1) - g.unsqueeze(0)) ** 2).sum(-1) / (2 * toy.dim)  # (S, S) kernel
+    pair = q.unsqueeze(1) * q.unsqueeze(0)
+    theta = float((pair * h).sum())
+    assert theta == pytest.approx(float(exact["variance"].mean()), rel=1e-12)
+    h1 = h @ q
+    zeta1 = float(q @ (h1 - theta) ** 2)
+    zeta2 = float((pair * (h - theta) ** 2).sum())
+    se = math.sqrt((4 * (n - 2) * zeta1 + 2 * zeta2) / (n * (n - 1)))
+    # one two-sided check on a fixed seed, false-alarm probability 1e-4
+    z_bound = NormalDist().inv_cdf(1 - 1e-4 / 2)  # 3.89
+    measured = curve["variance_mean"][0]
+    assert abs(measured - theta) <= z_bound * se, (measured, theta, se)
