@@ -5,9 +5,11 @@ from __future__ import annotations
 import ast
 import json
 import math
+import os
 import shlex
 import sys
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,12 +96,29 @@ class MomentAccumulator:
     chunk's mean) to limit cancellation. The standard error of the sample variance uses the
     fourth central moment, ``Var(s^2) = (m4 - s^4 (n - 3) / (n - 1)) / n``, floored at its
     smallest possible value ``2 s^4 / (n (n - 1))`` (reached when ``m4 = s^4``).
+
+    Parameters
+    ----------
+    groups : int, optional
+        With ``num_estimates``, also keep the first two power sums of ``groups`` contiguous
+        groups of estimates, for :meth:`mean_variance_se`.
+    num_estimates : int, optional
+        How many estimates will be added in all (sizes the groups).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, groups: int | None = None, num_estimates: int | None = None) -> None:
         self.n = 0
         self.shift: torch.Tensor | None = None
         self.sums: list[torch.Tensor] = []
+        self.group_size = None
+        if groups is not None:
+            if num_estimates is None or groups < 2 or num_estimates < 2 * groups:
+                raise ValueError(
+                    "groups needs num_estimates >= 2 * groups >= 4; got groups="
+                    f"{groups}, num_estimates={num_estimates}"
+                )
+            self.group_size = math.ceil(num_estimates / groups)
+        self.group_sums: list[list] = []  # [rows, sum y, sum y^2] per group
 
     def update(self, chunk: torch.Tensor) -> None:
         """Add estimates of shape ``(n, D)``."""
@@ -113,6 +132,20 @@ class MomentAccumulator:
             p = p * y
             self.sums[k] += p.sum(0)
         self.n += x.shape[0]
+        if self.group_size is not None:
+            self._add_to_groups(y)
+
+    def _add_to_groups(self, y: torch.Tensor) -> None:
+        start = 0
+        while start < y.shape[0]:
+            if not self.group_sums or self.group_sums[-1][0] == self.group_size:
+                self.group_sums.append([0, torch.zeros_like(y[0]), torch.zeros_like(y[0])])
+            group = self.group_sums[-1]
+            take = y[start : start + self.group_size - group[0]]
+            group[0] += take.shape[0]
+            group[1] += take.sum(0)
+            group[2] += (take * take).sum(0)
+            start += take.shape[0]
 
     def result(self) -> dict[str, torch.Tensor]:
         """``mean``, ``variance`` (unbiased), ``mean_se`` and ``variance_se``, each ``(D,)``."""
@@ -134,6 +167,63 @@ class MomentAccumulator:
             "mean_se": (var / n).sqrt(),
             "variance_se": var_of_var.sqrt(),
         }
+
+    def mean_variance_se(self) -> float:
+        """Standard error of the variance averaged over coordinates, ``mean_k s_k^2``.
+
+        The per-coordinate standard errors cannot be combined as if the coordinates were
+        independent: the gradients of a network's parameters are strongly correlated (on
+        the VAE, ``sqrt(sum se_k^2) / D`` came out about 3x too small). This is the
+        delete-one-group jackknife over the groups set at construction, which needs no
+        assumption about the correlations: ``SE^2 = (G - 1) / G sum_g (t_(-g) - t_bar)^2``
+        with ``t_(-g)`` the statistic without group ``g``.
+        """
+        if self.group_size is None:
+            raise ValueError("mean_variance_se needs groups= and num_estimates= at construction")
+        if len(self.group_sums) < 2:
+            raise ValueError(f"need at least 2 groups of estimates; got {len(self.group_sums)}")
+        s1, s2 = self.sums[0], self.sums[1]
+        leave_out = []
+        for rows, g1, g2 in self.group_sums:
+            n = self.n - rows
+            a1, a2 = s1 - g1, s2 - g2
+            leave_out.append(float(((a2 - a1 * a1 / n) / (n - 1)).clamp_min(0).mean()))
+        t = torch.tensor(leave_out, dtype=torch.float64)
+        g = len(leave_out)
+        return float(((g - 1) / g * ((t - t.mean()) ** 2).sum()).sqrt())
+
+
+def check_at_least(minimum: int, **values: int) -> None:
+    """Raise ``ValueError`` naming the first argument below ``minimum``."""
+    for name, value in values.items():
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}; got {value}")
+
+
+def check_learning_rate(lr: float) -> None:
+    """Raise ``ValueError`` unless ``lr`` is a finite number > 0 (NaN fails ``lr <= 0``)."""
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0; got {lr}")
+
+
+def check_stateless(est: binopt.Estimator, label: str) -> None:
+    """Refuse an estimator that changes with every estimate (REINFORCE with a moving-average
+    baseline) where many estimates are measured at one point: they would not be identically
+    distributed, or (through ``grad``, which leaves the baseline alone) the baseline would
+    silently be ignored."""
+    if getattr(est, "baseline", None) == "moving_average":
+        raise UserError(
+            f"{label}: a moving-average baseline changes with every estimate, so variance "
+            "measurements at one point are not defined for it; measure 'reinforce' (no "
+            "baseline) or 'reinforce_loo' instead"
+        )
+
+
+def jackknife_groups(num_estimates: int) -> int | None:
+    """Groups for :meth:`MomentAccumulator.mean_variance_se`: up to 20, at least 2 estimates
+    each (``None`` below 4 estimates: no standard error then)."""
+    groups = min(20, num_estimates // 2)
+    return groups if groups >= 2 else None
 
 
 def z_score(diff: float, se: float, atol: float = 1e-12) -> float:
@@ -224,13 +314,89 @@ def to_jsonable(obj: Any, digits: int | None = None) -> Any:
     return obj
 
 
-def write_json(path: Path, payload: dict[str, Any], digits: int | None = 7) -> Path:
-    """Write ``payload`` as indented JSON (creating parent folders), floats rounded to
-    ``digits`` significant digits (``None``: full precision)."""
+def atomic_write(path: str | Path, write: Callable[[Any], Any]) -> Path:
+    """Write a file through ``write(fh)`` (``fh`` a binary file) without ever truncating it.
+
+    The bytes go to a temporary file in the same folder (creating parent folders), which is
+    flushed to disk and renamed over ``path`` (``os.replace``, atomic within a file system):
+    a crash or Ctrl-C while writing leaves the previous file (or none), never a truncated
+    one, and a reader holding the previous file keeps it whole. The temporary file is
+    removed when ``write`` fails.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dumps_compact(to_jsonable(payload, digits)) + "\n")
+    # the process id keeps two processes writing the same path off each other's file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def write_json(path: Path, payload: dict[str, Any], digits: int | None = 7) -> Path:
+    """Write ``payload`` as indented JSON (creating parent folders), floats rounded to
+    ``digits`` significant digits (``None``: full precision).
+
+    The file is replaced atomically (:func:`atomic_write`): an interrupted write leaves the
+    previous version, never a truncated file.
+    """
+    text = dumps_compact(to_jsonable(payload, digits)) + "\n"
+    return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def check_stem(stem: str, option: str = "--name") -> str:
+    """``stem`` if it is a usable file name stem, else a :class:`UserError` naming ``option``.
+
+    Refused: the empty name (``--name ""`` wrote ``.json`` and ``.png.png``), ``.`` and
+    ``..``, and names with a path separator (outputs go in the output folder).
+    """
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    if stem in ("", ".", "..") or any(s in stem for s in seps) or "\0" in stem:
+        raise UserError(
+            f"{option} must be a file name stem (not empty, no '/'); got {stem!r}"
+        )
+    return stem
+
+
+def prepare_output(folder: str | Path, stem: str, suffixes: Sequence[str]) -> list[Path]:
+    """Check, before any computing, that ``folder/stem<suffix>`` can be written for each suffix.
+
+    Creates the folder (:func:`output_dir`), checks the stem (:func:`check_stem`), that the
+    folder accepts new files (by creating and removing a temporary one) and that no output
+    path is an existing folder.
+
+    Returns
+    -------
+    list of Path
+        The output paths, in the order of ``suffixes``.
+
+    Raises
+    ------
+    UserError
+        Saying which check failed.
+    """
+    check_stem(stem)
+    out = output_dir(folder)
+    try:
+        with tempfile.TemporaryFile(dir=out, prefix=".binopt-write-check-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write to output folder {str(out)!r}: {exc.strerror}") from exc
+    paths = [out / f"{stem}{suffix}" for suffix in suffixes]
+    for path in paths:
+        if path.is_dir():
+            raise UserError(f"output {str(path)!r} is a folder; choose another --name or --out")
+    return paths
 
 
 def dumps_compact(obj: Any, indent: int = 1, level: int = 0) -> str:

@@ -19,6 +19,7 @@ The binary VAE's gradient basket after 500 training steps::
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 import torch
@@ -28,15 +29,18 @@ from ._common import (
     command_line,
     fmt,
     format_table,
-    output_dir,
     parse_estimator_list,
     parse_estimator_spec,
+    prepare_output,
     write_json,
 )
 from .variance import Setting, logit_setting, measure, ordering
 
 DEFAULT_ESTIMATORS = "reinforce,reinforce_loo,arm,disarm,straight_through,gumbel"
 PROBLEMS = ("toy", "maxcut", "vae")
+#: Largest max-cut graph: its weights are a dense n x n matrix and every chunk of estimates
+#: is (chunk size) x n (100,000 nodes asked for 80 GB).
+MAX_NODES = 2000
 _PARSERS: dict[str, argparse.ArgumentParser] = {}
 
 
@@ -113,7 +117,11 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``binopt variance``."""
+    """Entry point of ``binopt variance``.
+
+    Every argument and the output folder are checked before any computing; a ``ValueError``
+    from the problem, the training up to ``--step`` or the measurement is a user error.
+    """
     specs = parse_estimator_list(args.estimators)
     n = (
         args.num_samples
@@ -126,13 +134,30 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--chunk-size must be >= 1; got {args.chunk_size}")
     if args.step < 0:
         raise UserError(f"--step must be >= 0; got {args.step}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise UserError(f"--lr must be a finite number > 0; got {args.lr}")
+    for name, value in [("batch-size", args.batch_size), ("latent-dim", args.latent_dim)]:
+        if value < 1:
+            raise UserError(f"--{name} must be >= 1; got {value}")
+    if args.problem == "maxcut" and not 2 <= args.nodes <= MAX_NODES:
+        raise UserError(
+            f"--nodes must be between 2 and {MAX_NODES} (the graph is a dense n x n matrix); "
+            f"got {args.nodes}"
+        )
     train_spec = parse_estimator_spec(args.train_estimator)
-    if args.problem == "vae":
-        problem, settings = _vae_settings(args, train_spec)
-        chunk = min(args.chunk_size, 50)
-    else:
-        problem, settings = _logit_settings(args, train_spec)
-        chunk = args.chunk_size
+    if args.step > 0:
+        _check_train_estimator(args, train_spec)
+    stem = f"variance_{args.problem}" if args.name is None else args.name
+    json_path, png_path = prepare_output(args.out, stem, (".json", ".png"))
+    try:
+        if args.problem == "vae":
+            problem, settings = _vae_settings(args, train_spec)
+            chunk = min(args.chunk_size, 50)
+        else:
+            problem, settings = _logit_settings(args, train_spec)
+            chunk = args.chunk_size
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
     results = []
     for setting in settings:
         try:
@@ -149,8 +174,6 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(str(exc)) from exc
         results.append({"label": setting.label, "info": setting.info, "rows": rows})
         _print_setting(problem, setting, rows, n, args.coord)
-    out = output_dir(args.out)
-    stem = args.name or f"variance_{args.problem}"
     payload = {
         "command": command_line(f"binopt {args._subcommand}", args, _PARSERS[args._subcommand]),
         "problem": problem,
@@ -160,18 +183,37 @@ def run(args: argparse.Namespace) -> int:
         "common_random_numbers": not args.independent_streams,
         "settings": results,
     }
-    json_path = write_json(out / f"{stem}.json", payload, digits=None)  # exact comparisons
+    write_json(json_path, payload, digits=None)  # full precision: exact comparisons
     print(f"wrote {json_path}")
     if not args.no_plot:
         from .plotting import plot_variance
 
         title = " ".join(f"{k}={v}" for k, v in problem.items() if k not in ("edges",))
-        png = plot_variance(results, out / f"{stem}.png", title=title)
+        png = plot_variance(results, png_path, title=title)
         print(f"wrote {png}")
     return 0
 
 
 # ----------------------------------------------------------------------------- settings
+def _check_train_estimator(args: argparse.Namespace, spec) -> None:
+    """Refuse, before any computing, a ``--train-estimator`` that cannot train the problem."""
+    if spec.name != "exact":
+        return
+    if args.problem == "vae":
+        raise UserError(
+            f"--train-estimator {spec.label} cannot train the VAE (it would enumerate "
+            f"2^{args.latent_dim} latent states); use a Monte Carlo estimator such as disarm"
+        )
+    units = args.dim if args.problem == "toy" else args.nodes
+    limit = getattr(spec.build(), "max_dim", None)
+    if limit is not None and units > limit:
+        raise UserError(
+            f"--train-estimator {spec.label} enumerates 2^D states and is limited to D <= "
+            f"{limit}; the problem has {units} units (use a Monte Carlo estimator such as "
+            "disarm, or --step 0)"
+        )
+
+
 def _start_logits(args: argparse.Namespace, dim: int) -> list[tuple[str, torch.Tensor]]:
     if args.logits is not None and args.phi is not None:
         raise UserError("give either --phi or --logits, not both")
@@ -184,7 +226,11 @@ def _start_logits(args: argparse.Namespace, dim: int) -> list[tuple[str, torch.T
             ) from exc
         if len(values) != dim:
             raise UserError(f"--logits has {len(values)} values; the problem has {dim} units")
+        if not all(math.isfinite(v) for v in values):
+            raise UserError(f"--logits must be finite numbers; got {args.logits!r}")
         return [("logits", torch.tensor(values, dtype=torch.float64))]
+    if args.phi is not None and not all(math.isfinite(v) for v in args.phi):
+        raise UserError(f"--phi must be finite numbers; got {' '.join(map(str, args.phi))}")
     if args.phi is None and args.problem == "maxcut":
         # phi = 0 is a stationary point of max-cut where ARM/DisARM are exactly 0: start
         # from small random logits unless asked otherwise

@@ -17,12 +17,13 @@ Three solvers:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ._common import EstimatorSpec, progress
+from ._common import EstimatorSpec, check_at_least, check_learning_rate, progress
 
 #: Largest ``n`` that :func:`brute_force` enumerates.
 MAX_BRUTE_FORCE = 24
@@ -107,10 +108,16 @@ def random_graph(
 
 
 def maxcut_qubo(W: torch.Tensor, name: str = "maxcut") -> QUBO:
-    """The QUBO whose energy is minus the cut of the graph with weights ``W``."""
+    """The QUBO whose energy is minus the cut of the graph with weights ``W``.
+
+    Weights may be negative (edges that are better left uncut); ``meta["edges"]`` counts
+    the nonzero off-diagonal weights of the upper triangle.
+    """
     W = torch.as_tensor(W, dtype=torch.float64)
     W = W - torch.diag(torch.diagonal(W))
-    return QUBO(W, -W.sum(1), name=name, meta={"kind": "maxcut", "edges": int((W > 0).sum() // 2)})
+    # != 0, not > 0: a negative weight is an edge too (it was left out of the count)
+    edges = int(torch.triu(W, diagonal=1).ne(0).sum())
+    return QUBO(W, -W.sum(1), name=name, meta={"kind": "maxcut", "edges": edges})
 
 
 def random_maxcut(n: int, edge_prob: float = 0.5, seed: int = 0, weighted: bool = False) -> QUBO:
@@ -227,7 +234,18 @@ def optimize_logits(
     change the estimator's random stream), ``evaluations`` (of ``f`` by the estimator,
     monitoring excluded), and the curves ``steps``, ``expected_energy`` (closed form) and
     ``rounded`` (energy of the rounded logits).
+
+    Raises
+    ------
+    ValueError
+        An argument out of range (checked before any step).
     """
+    # checked here: num_samples=0 failed inside the estimator, record_every=0 at step 0
+    check_at_least(0, steps=steps)
+    check_at_least(1, num_samples=num_samples, record_every=record_every)
+    check_learning_rate(lr)
+    if not (math.isfinite(init_std) and init_std >= 0):
+        raise ValueError(f"init_std must be a finite number >= 0; got {init_std}")
     gen = torch.Generator().manual_seed(int(seed))
     monitor = torch.Generator().manual_seed(int(seed) + 1_000_003)
     est = spec.build(generator=gen)

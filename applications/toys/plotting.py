@@ -8,7 +8,30 @@ from typing import Any
 
 import numpy as np
 
-from ._common import pyplot
+from ._common import atomic_write, pyplot
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Save ``fig`` to ``path`` atomically (:func:`atomic_write`) and close it.
+
+    The format comes from the suffix; without one it is PNG and ``.png`` is appended, as
+    ``savefig`` does. An interrupted save leaves the previous figure, never a truncated one.
+
+    Returns
+    -------
+    Path
+        The file written.
+    """
+    plt = pyplot()
+    path = Path(path)
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    try:
+        # the temporary name's suffix is .tmp: the format must be given explicitly
+        atomic_write(path, lambda fh: fig.savefig(fh, format=path.suffix[1:].lower(), dpi=dpi))
+    finally:
+        plt.close(fig)
+    return path
 
 
 def _colors(labels: Sequence[str]) -> dict[str, Any]:
@@ -74,9 +97,7 @@ def plot_variance(settings: Sequence[Mapping[str, Any]], path: Path, title: str 
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_toy_curves(runs: Sequence[Mapping[str, Any]], path: Path) -> Path:
@@ -118,9 +139,7 @@ def plot_toy_curves(runs: Sequence[Mapping[str, Any]], path: Path) -> Path:
     axes[0, -1].legend(fontsize=7, loc="best")
     axes[1, -1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_curves(
@@ -157,9 +176,7 @@ def plot_curves(
         ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_basket(
@@ -202,6 +219,4 @@ def plot_basket(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)

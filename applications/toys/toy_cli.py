@@ -9,16 +9,26 @@ Example
 For each ``p0`` and estimator it prints the final probability of the right answer (mean
 +- standard error over seeds) and the last measured gradient variance, and writes
 ``toy_curves.json`` (every curve) and ``toy_curves.png`` (probability of the right answer
-and gradient variance against the squared exact gradient, vs step).
+and gradient variance against the squared exact gradient, vs step). The JSON is written
+after each ``p0`` (``"complete": false`` until the last one), so an interrupted run keeps
+the values of ``p0`` already done.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from ..errors import UserError
-from ._common import command_line, fmt, format_table, output_dir, parse_estimator_list, write_json
+from ._common import (
+    command_line,
+    fmt,
+    format_table,
+    parse_estimator_list,
+    prepare_output,
+    write_json,
+)
 from .yin_zhou import P0_VALUES, YinZhouToy, train_toy
 
 DEFAULT_ESTIMATORS = "reinforce,reinforce_loo,arm,disarm,straight_through,gumbel,exact"
@@ -66,7 +76,11 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``binopt toy``."""
+    """Entry point of ``binopt toy``.
+
+    Every argument and the output folder are checked before any training; the JSON is
+    rewritten after each ``p0`` so that an interrupted run keeps what is done.
+    """
     specs = parse_estimator_list(args.estimators)
     for name, value in [
         ("steps", args.steps),
@@ -75,22 +89,37 @@ def run(args: argparse.Namespace) -> int:
     ]:
         if value < 1:
             raise UserError(f"--{name} must be >= 1; got {value}")
+    # None is "not given"; 0 used to be silently replaced by the default too
+    if args.record_every is not None and args.record_every < 1:
+        raise UserError(f"--record-every must be >= 1; got {args.record_every}")
     if args.variance_samples < 2:
         raise UserError(f"--variance-samples must be >= 2; got {args.variance_samples}")
-    if args.lr <= 0:
-        raise UserError(f"--lr must be > 0; got {args.lr}")
+    if not (math.isfinite(args.lr) and args.lr > 0):  # nan compares False with everything
+        raise UserError(f"--lr must be a finite number > 0; got {args.lr}")
+    if not math.isfinite(args.init_logit):
+        raise UserError(f"--init-logit must be a finite number; got {args.init_logit}")
     if args.dim > 20 and any(s.name == "exact" for s in specs):
         raise UserError("the exact estimator enumerates 2^D states: use --dim <= 20 or drop it")
-    record_every = args.record_every or max(1, args.steps // 500)
-    seeds = list(range(args.seed, args.seed + args.seeds))
-    runs = []
-    for p0 in args.p0:
+    toys = []
+    for p0 in args.p0:  # every p0 before training the first
         try:
-            toy = YinZhouToy(p0, args.dim, args.mode)
+            toys.append(YinZhouToy(p0, args.dim, args.mode))
         except ValueError as exc:
             raise UserError(str(exc)) from exc
-        runs.append(
-            train_toy(
+    json_path, png_path = prepare_output(args.out, args.name, (".json", ".png"))
+    record_every = (
+        args.record_every if args.record_every is not None else max(1, args.steps // 500)
+    )
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    runs: list[dict[str, Any]] = []
+    payload = {
+        "command": command_line(f"binopt {args._subcommand}", args, _PARSERS[args._subcommand]),
+        "complete": False,
+        "runs": runs,
+    }
+    for toy in toys:
+        try:
+            result = train_toy(
                 toy,
                 specs,
                 steps=args.steps,
@@ -102,19 +131,17 @@ def run(args: argparse.Namespace) -> int:
                 variance_samples=args.variance_samples,
                 record_every=record_every,
             )
-        )
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        runs.append(result)
+        payload["complete"] = len(runs) == len(toys)
+        write_json(json_path, payload)  # after each p0: Ctrl-C keeps the finished ones
     _print_summary(runs)
-    out = output_dir(args.out)
-    payload = {
-        "command": command_line(f"binopt {args._subcommand}", args, _PARSERS[args._subcommand]),
-        "runs": runs,
-    }
-    path = write_json(out / f"{args.name}.json", payload)
-    print(f"wrote {path}")
+    print(f"wrote {json_path}")
     if not args.no_plot:
         from .plotting import plot_toy_curves
 
-        print(f"wrote {plot_toy_curves(runs, out / f'{args.name}.png')}")
+        print(f"wrote {plot_toy_curves(runs, png_path)}")
     return 0
 
 

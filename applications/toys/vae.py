@@ -52,7 +52,15 @@ from torch import nn
 
 import binopt
 
-from ._common import EstimatorSpec, MomentAccumulator, progress
+from ._common import (
+    EstimatorSpec,
+    MomentAccumulator,
+    check_at_least,
+    check_learning_rate,
+    check_stateless,
+    jackknife_groups,
+    progress,
+)
 
 LATENT_DIM = 200
 HIDDEN_DIM = 200
@@ -276,6 +284,10 @@ def elbo(
     model: BinaryVAE, x: torch.Tensor, num_samples: int = 10, seed: int = 0, chunk: int = 500
 ) -> float:
     """Mean ELBO over ``x`` (binary), with ``num_samples`` latent draws per example."""
+    if num_samples < 1:  # K = 0: NaN ELBO, "math domain error" (log 0) in the bound
+        raise ValueError(f"num_samples must be >= 1; got {num_samples}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1; got {chunk}")
     total = 0.0
     for xs, logits, z in _latent_draws(model, x, num_samples, seed, chunk):
         rec = model.log_px_given_z(xs, z).mean(0)
@@ -288,6 +300,10 @@ def iwae_bound(
     model: BinaryVAE, x: torch.Tensor, num_samples: int = 100, seed: int = 0, chunk: int = 100
 ) -> float:
     """Mean importance-weighted bound ``log (1/K) sum_k p(x, z_k) / q(z_k|x)``, ``z_k ~ q``."""
+    if num_samples < 1:  # K = 0: NaN ELBO, "math domain error" (log 0) in the bound
+        raise ValueError(f"num_samples must be >= 1; got {num_samples}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1; got {chunk}")
     total = 0.0
     for xs, logits, z in _latent_draws(model, x, num_samples, seed, chunk):
         log_w = (
@@ -316,6 +332,8 @@ def basket_gradients(
         ``model.encoder.parameters()`` order), and ``(reps, B * L)``: with respect to the
         encoder's output logits.
     """
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1; got {reps}")
     enc_params = list(model.encoder.parameters())
     batch = x.shape[0]
     logits = model.encode(x)
@@ -351,10 +369,15 @@ def gradient_basket(
     """
     if reps < 2:
         raise ValueError(f"reps must be >= 2; got {reps}")
+    if chunk < 1:  # (0 would never finish)
+        raise ValueError(f"chunk must be >= 1; got {chunk}")
     out: dict[str, dict[str, Any]] = {}
     for i, spec in enumerate(estimators):
         est = spec.build(generator=torch.Generator().manual_seed(seed * 1000 + i))
-        acc_p, acc_l = MomentAccumulator(), MomentAccumulator()
+        check_stateless(est, spec.label)
+        groups = jackknife_groups(reps)
+        acc_p = MomentAccumulator(groups, reps if groups else None)
+        acc_l = MomentAccumulator()
         done = 0
         while done < reps:
             m = min(chunk, reps - done)
@@ -363,14 +386,15 @@ def gradient_basket(
             acc_l.update(gl)
             done += m
         rp, rl = acc_p.result(), acc_l.result()
-        d = rp["variance"].numel()
         var = float(rp["variance"].mean())
         evals = est.evaluations_per_estimate
         out[spec.label] = {
             "estimator": spec.name,
             "evaluations": evals,
             "variance": var,
-            "variance_se": float(rp["variance_se"].pow(2).sum().sqrt()) / d,
+            # parameters are correlated: a jackknife over groups of repetitions, not
+            # the per-parameter errors combined as if independent (3x too small)
+            "variance_se": acc_p.mean_variance_se() if groups else float("nan"),
             "variance_x_evaluations": var * evals,
             # |mean|^2 overestimates |E g|^2 by trace(Var)/reps; this is unbiased
             "mean_sq_norm": float((rp["mean"] ** 2).sum() - rp["variance"].sum() / reps),
@@ -437,7 +461,26 @@ def train_vae(
     training set with a fixed binarization and 10 samples, ``train_elbo_running`` the mean
     minibatch estimate over the last 10% of steps, ``test_iwae`` and ``test_elbo``),
     ``basket`` (step -> estimator -> stats), ``evaluations`` (f evaluations per example).
+
+    Raises
+    ------
+    ValueError
+        An argument out of range (checked before any training).
     """
+    # all up front: log_every=0 failed only at the first step (ZeroDivisionError),
+    # eval_samples=0 only after the whole training ("math domain error")
+    check_at_least(0, steps=steps)
+    check_at_least(1, batch_size=batch_size, latent_dim=latent_dim, hidden_dim=hidden_dim,
+                   log_every=log_every, eval_samples=eval_samples)
+    check_learning_rate(lr)
+    if basket_batch_size is not None and basket_batch_size < 1:
+        raise ValueError(f"basket_batch_size must be >= 1; got {basket_batch_size}")
+    basket_steps = [int(s) for s in basket_steps]  # read twice below: no one-shot iterators
+    outside = sorted(s for s in basket_steps if not 0 <= s <= steps)
+    if outside:
+        raise ValueError(f"basket_steps must be in [0, steps={steps}]; got {outside}")
+    if basket_steps and basket_reps < 2:
+        raise ValueError(f"basket_reps must be >= 2; got {basket_reps}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = BinaryVAE(kind, latent_dim, data.train_mean, hidden_dim=hidden_dim)

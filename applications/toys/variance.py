@@ -28,7 +28,14 @@ import torch
 
 import binopt
 
-from ._common import EstimatorSpec, MomentAccumulator, progress, z_score
+from ._common import (
+    EstimatorSpec,
+    MomentAccumulator,
+    check_stateless,
+    jackknife_groups,
+    progress,
+    z_score,
+)
 
 #: Largest number of units for which the exact variance is attempted.
 EXACT_VARIANCE_MAX_DIM = 10
@@ -128,11 +135,14 @@ def measure(
     for i, spec in enumerate(estimators):
         stream = seed if common_random_numbers else seed * 1000 + i
         est = spec.build(generator=torch.Generator().manual_seed(stream))
-        acc = MomentAccumulator()
+        check_stateless(est, spec.label)
+        groups = jackknife_groups(num_samples)
+        acc = MomentAccumulator(groups, num_samples if groups else None)
         chunks = range(0, num_samples, chunk_size)
         for start in progress(chunks, desc=f"{setting.label} {spec.label}", enabled=show_progress):
             acc.update(setting.draw(est, min(chunk_size, num_samples - start)))
         stats = acc.result()
+        stats["mean_variance_se"] = acc.mean_variance_se() if groups else float("nan")
         exact_var = setting.exact_variance(est) if setting.exact_variance else None
         rows.append(_row(spec, est, stats, setting.exact_mean, exact_var, num_samples, coord))
     return rows
@@ -163,18 +173,25 @@ def _row(spec, est, stats, exact_mean, exact_var, n, coord) -> dict[str, Any]:
         row["exact_variance"] = None if exact_var is None else float(exact_var[k])
         if exact_mean is not None:
             row["bias"] = row["mean"] - row["exact"]
-            row["bias_z"] = z_score(row["bias"], row["mean_se"])
+            # an exact estimator differs from the closed form by rounding only
+            row["bias_z"] = z_score(row["bias"], row["mean_se"],
+                                    1e-9 * max(1.0, abs(row["exact"])))
     else:
         row["mean"] = float(mean.norm())
         row["mean_se"] = float(mean_se.pow(2).sum().sqrt())
         row["exact"] = None if exact_mean is None else float(exact_mean.norm())
         row["variance"] = float(var.mean())
-        row["variance_se"] = float(var_se.pow(2).sum().sqrt() / d)
+        # the units' estimates are correlated (they share f): the jackknife over groups
+        # of estimates, not the per-unit errors combined as if independent
+        row["variance_se"] = float(stats["mean_variance_se"])
         row["exact_variance"] = None if exact_var is None else float(exact_var.mean())
         if exact_mean is not None:
             b = mean - exact_mean.to(mean)
             row["bias"] = float(b.norm())
-            row["bias_z"] = max(abs(z_score(float(bi), float(si))) for bi, si in zip(b, mean_se))
+            row["bias_z"] = max(
+                abs(z_score(float(bi), float(si), 1e-9 * max(1.0, abs(float(ei)))))
+                for bi, si, ei in zip(b, mean_se, exact_mean)
+            )
     if row["exact_variance"] is not None:
         atol = 1e-12 * max(1.0, abs(row["exact_variance"]))
         row["variance_z"] = z_score(

@@ -17,6 +17,7 @@ exact_variance` supports the estimator, Monte Carlo otherwise) along each trajec
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,13 +29,23 @@ import torch
 import binopt
 from binopt.estimators.relaxed import HardConcrete
 
-from ._common import EstimatorSpec, MomentAccumulator, progress
+from ._common import (
+    EstimatorSpec,
+    MomentAccumulator,
+    check_at_least,
+    check_learning_rate,
+    progress,
+)
 
 #: The values of ``p0`` used in the ARM and DisARM papers.
 P0_VALUES: tuple[float, ...] = (0.49, 0.499, 0.501, 0.51)
 
 #: Largest ``D`` for which :func:`train_toy` computes exact (rather than Monte Carlo) variances.
 EXACT_VARIANCE_MAX_DIM = 4
+
+#: Offset from a run's seed to the seed of its variance measurements' generator (the same
+#: offset as the monitoring generator of :func:`~applications.toys.maxcut.optimize_logits`).
+MEASURE_SEED_OFFSET = 1_000_003
 
 
 @dataclass(frozen=True)
@@ -117,7 +128,10 @@ def _variance_at(
     logits: torch.Tensor,
     num_samples: int,
 ) -> tuple[float, str]:
-    """Mean per-unit variance of one estimate at ``logits`` and how it was obtained."""
+    """Mean per-unit variance of one estimate at ``logits`` and how it was obtained.
+
+    ``est`` must not be the training estimator: the Monte Carlo path draws from its generator.
+    """
     if isinstance(est, binopt.Exact):
         return 0.0, "exact"
     if toy.dim <= EXACT_VARIANCE_MAX_DIM:
@@ -164,7 +178,9 @@ def train_toy(
         Steps between variance measurements (also made at step 0 and at the end).
     variance_samples : int
         Estimates per Monte Carlo variance measurement (used when ``D`` is too large for
-        the exact variance or the estimator is not supported by it).
+        the exact variance or the estimator is not supported by it). They are drawn from a
+        generator of their own (seeded ``seed + MEASURE_SEED_OFFSET``), so the training
+        trajectories do not depend on ``eval_every`` or ``variance_samples``.
     record_every : int
         Steps between recorded points of the probability curve.
     show_progress : bool, optional
@@ -179,15 +195,22 @@ def train_toy(
         of one estimate), ``exact_grad_sq`` (mean squared exact gradient, the "signal"),
         ``final_prob_right`` and ``evaluations`` per step.
     """
-    if steps < 1 or eval_every < 1 or record_every < 1:
-        raise ValueError("steps, eval_every and record_every must be >= 1")
+    check_at_least(1, steps=steps, eval_every=eval_every, record_every=record_every)
+    check_at_least(2, variance_samples=variance_samples)
+    check_learning_rate(lr)
+    if not math.isfinite(init_logit):
+        raise ValueError(f"init_logit must be finite; got {init_logit}")
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd'; got {optimizer!r}")
+    if not estimators:
+        raise ValueError("need at least one estimator")
     seeds = list(seeds)
     if not seeds:
         raise ValueError("need at least one seed")
     record_steps = sorted(set(range(0, steps + 1, record_every)) | {steps})
     var_steps = sorted(set(range(0, steps + 1, eval_every)) | {steps})
+    # membership is tested at every step: sets, not the lists (quadratic in steps)
+    record_set, var_set = set(record_steps), set(var_steps)
     out: dict[str, Any] = {}
     total = len(estimators) * len(seeds)
     bar = progress(range(total), desc=f"toy p0={toy.p0}", enabled=show_progress)
@@ -196,15 +219,20 @@ def train_toy(
         for seed in seeds:
             gen = torch.Generator().manual_seed(int(seed))
             est = spec.build(generator=gen)
+            # Monte Carlo variances draw from their own generator: drawing them from the
+            # training one made the trajectory depend on eval_every and variance_samples
+            measure_gen = torch.Generator().manual_seed(int(seed) + MEASURE_SEED_OFFSET)
             logits = torch.full((toy.dim,), float(init_logit), dtype=torch.float64)
             logits.requires_grad_(True)
             opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)([logits], lr=lr)
             p_curve, v_curve, s_curve = [], [], []
             for step in range(steps + 1):
-                if step in record_steps:
+                if step in record_set:
                     p_curve.append(float(toy.prob_right(logits, est).mean()))
-                if step in var_steps:
-                    v, method = _variance_at(toy, est, logits, variance_samples)
+                if step in var_set:
+                    v, method = _variance_at(
+                        toy, _with_generator(est, measure_gen), logits, variance_samples
+                    )
                     methods.add(method)
                     v_curve.append(v)
                     s_curve.append(float((toy.exact_grad(logits) ** 2).mean()))
@@ -255,6 +283,18 @@ def train_toy(
         },
         "estimators": out,
     }
+
+
+def _with_generator(est: binopt.Estimator, generator: torch.Generator) -> binopt.Estimator:
+    """A shallow copy of ``est`` drawing from ``generator``.
+
+    A copy rather than a fresh estimator so that state the training has built up (the
+    baseline of REINFORCE with a moving average, which the exact variance uses) is the
+    training estimator's; ``grad``, which the measurement uses, leaves that state alone.
+    """
+    probe = copy.copy(est)
+    probe.generator = generator
+    return probe
 
 
 def _se(x: np.ndarray) -> np.ndarray:

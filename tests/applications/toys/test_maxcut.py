@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -100,3 +101,45 @@ def test_optimizing_logits_reaches_the_optimum_on_a_small_graph():
 def test_brute_force_refuses_large_problems():
     with pytest.raises(ValueError, match="brute force"):
         brute_force(random_qubo(25))
+
+
+def test_negative_weights_are_edges_and_cut_as_weighted():
+    """A negative weight is an edge that is better left uncut: it counts as an edge (it was
+    left out of ``meta["edges"]``, counted with W > 0) and the energy is still minus the
+    weighted cut."""
+    W = torch.tensor(
+        [[0.0, 1.0, -2.0, 0.0], [1.0, 0.0, 0.5, -0.25], [-2.0, 0.5, 0.0, 0.0],
+         [0.0, -0.25, 0.0, 0.0]],
+        dtype=torch.float64,
+    )
+    q = maxcut_qubo(W)
+    assert q.meta["edges"] == 4
+    states = binopt.estimators.all_states(4, dtype=torch.float64)
+    energies = q.energy(states)
+    for k in range(len(states)):
+        assert float(energies[k]) == pytest.approx(-_cut(W, states[k]))
+    # the best cut keeps the negative edges uncut
+    best, z = brute_force(q)
+    assert best == pytest.approx(-1.5) and z[0] == z[2] and z[1] == z[3]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_samples": 0}, "num_samples must be >= 1; got 0"),
+        ({"record_every": 0}, "record_every must be >= 1; got 0"),
+        ({"steps": -1}, "steps must be >= 0; got -1"),
+        ({"lr": float("nan")}, "lr must be a finite number > 0; got nan"),
+        ({"init_std": -0.1}, "init_std must be a finite number >= 0; got -0.1"),
+    ],
+)
+def test_optimize_logits_checks_its_arguments_first(kwargs, message):
+    """Raised by optimize_logits itself, before any step (num_samples=0 used to fail inside
+    the estimator, record_every=0 as a ZeroDivisionError)."""
+    q = random_maxcut(5, 0.5, seed=0)
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        optimize_logits(q, parse_estimator_spec("disarm"), **{"steps": 3, **kwargs})
+    # raised by optimize_logits's own checks (maxcut.py or the shared ones in _common.py),
+    # not from inside the estimator or a training step
+    assert info.traceback[-1].path.name in ("maxcut.py", "_common.py")
+    assert not any("estimators" in str(entry.path) for entry in info.traceback)

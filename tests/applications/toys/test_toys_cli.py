@@ -12,6 +12,7 @@ import binopt
 from applications.cli import main
 
 Z_BOUND = 4.0
+TINY_TOY = ["--p0", "0.49", "--steps", "2", "--seeds", "1", "--estimators", "disarm"]
 
 
 def _row(text: str, setting: str, estimator: str) -> list[str]:
@@ -160,6 +161,34 @@ def test_variance_vae_tiny(tmp_path, capsys):
         ),
         (["toy", "--p0", "0.5"], "p0"),
         (["toy", "--steps", "0"], "steps"),
+        # tracebacks before (or a silent default for --record-every 0); small runs so that
+        # the old code got through quickly
+        (["toy", *TINY_TOY, "--lr", "nan"], "--lr must be a finite number > 0; got nan"),
+        (["toy", *TINY_TOY, "--record-every", "-1"], "--record-every must be >= 1; got -1"),
+        (["toy", *TINY_TOY, "--record-every", "0"], "--record-every must be >= 1; got 0"),
+        (["toy", *TINY_TOY, "--init-logit", "nan"], "--init-logit must be a finite number"),
+        (["toy", *TINY_TOY, "--init-logit", "inf"], "got inf"),
+        (["toy", *TINY_TOY, "--name", ""], "--name must be a file name stem"),
+        (["variance", "--lr", "-1", "--step", "3"], "--lr must be a finite number > 0; got -1"),
+        (["variance", "--lr", "nan", "--step", "3"], "--lr must be a finite number > 0; got nan"),
+        (["variance", "--phi", "0", "nan"], "--phi must be finite"),
+        (["variance", "--name", ""], "--name must be a file name stem"),
+        (["variance", "--problem", "vae", "--latent-dim", "-2"], "--latent-dim must be >= 1"),
+        (["variance", "--problem", "vae", "--latent-dim", "0"], "--latent-dim must be >= 1"),
+        (["variance", "--problem", "vae", "--batch-size", "-1"], "--batch-size must be >= 1"),
+        (
+            ["variance", "--problem", "maxcut", "--nodes", "30", "--step", "2",
+             "--train-estimator", "exact"],
+            "limited to D <= 20; the problem has 30 units",
+        ),
+        (
+            ["variance", "--problem", "vae", "--train-estimator", "exact", "--step", "2"],
+            "cannot train the VAE",
+        ),
+        (["variance", "--problem", "maxcut", "--nodes", "100000"], "--nodes must be between 2"),
+        # a moving-average baseline is not one distribution (it was silently ignored)
+        (["variance", "--estimators", "reinforce,reinforce:baseline=moving_average"],
+         "moving-average baseline"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(argv, message, capsys, tmp_path):
@@ -194,8 +223,82 @@ def test_toy_command_writes_curves(tmp_path, capsys):
     data = json.loads((tmp_path / "toy_curves.json").read_text())
     assert (tmp_path / "toy_curves.png").stat().st_size > 10_000
     assert data["command"].startswith("binopt toy --p0 0.49 0.51 --dim 2")
+    assert data["complete"] is True
     assert [r["problem"]["p0"] for r in data["runs"]] == [0.49, 0.51]
     curve = data["runs"][0]["estimators"]["disarm"]
     assert curve["variance_steps"] == [0, 20, 40] and len(curve["variance_mean"]) == 3
     line = next(x for x in out.splitlines() if x.startswith("0.49") and "disarm" in x)
     assert f"{curve['final_prob_right']:.3f}" in line
+
+
+def test_exact_estimator_has_no_infinite_bias_z():
+    """Enumeration and the closed form differ by rounding only; a rounding-level bias with a
+    zero standard error read ``bias z = inf`` when the gradient was larger than 1e-12."""
+    from applications.toys._common import parse_estimator_spec
+    from applications.toys.variance import _row
+
+    spec = parse_estimator_spec("exact")
+    exact = torch.tensor([3.0e3, -2.0e3], dtype=torch.float64)
+    mean = exact * (1 + 1e-13)  # rounding-level differences
+    stats = {"mean": mean, "variance": torch.zeros(2, dtype=torch.float64),
+             "mean_se": torch.zeros(2, dtype=torch.float64),
+             "variance_se": torch.zeros(2, dtype=torch.float64), "mean_variance_se": 0.0}
+    for coord in (None, 1):
+        row = _row(spec, spec.build(), stats, exact, torch.zeros(2, dtype=torch.float64), 4,
+                   coord)
+        assert row["bias_z"] == 0.0, coord
+    # a real difference with a zero standard error is still flagged
+    stats["mean"] = exact + 1.0
+    row = _row(spec, spec.build(), stats, exact, None, 4, None)
+    assert row["bias_z"] == float("inf")
+
+
+@pytest.mark.parametrize("command", ["toy", "variance"])
+def test_outputs_are_checked_before_any_computing(command, tmp_path, monkeypatch, capsys):
+    """An unusable --out, output path or p0 is reported before training or measuring (they
+    were found only after all the computing, or after the p0 values before them)."""
+    from applications.toys import cli, toy_cli
+
+    def computing(*args, **kwargs):
+        raise AssertionError("computed before checking the outputs")
+
+    monkeypatch.setattr(toy_cli, "train_toy", computing)
+    monkeypatch.setattr(cli, "measure", computing)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "taken.json").mkdir()
+    base = [command, *(TINY_TOY if command == "toy" else [])]
+    cases = [
+        (["--out", str(tmp_path / "file")], "cannot create output folder"),
+        (["--out", str(tmp_path), "--name", "taken"], "is a folder"),
+        (["--out", str(tmp_path), "--name", "a/b"], "--name must be a file name stem"),
+    ]
+    if command == "toy":  # every p0 is checked before the first is trained
+        cases.append((["--out", str(tmp_path), "--p0", "0.49", "0.5"], "not 1/2; got 0.5"))
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("binopt: error:") and message in err, err
+
+
+def test_toy_json_is_saved_after_each_p0(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the second p0 keeps the first one's curves (nothing was written until
+    every p0 was done), marked incomplete."""
+    from applications.toys import toy_cli
+
+    real = toy_cli.train_toy
+    calls = []
+
+    def interrupted_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(toy_cli, "train_toy", interrupted_on_second)
+    argv = ["toy", *TINY_TOY, "--p0", "0.49", "0.51", "--out", str(tmp_path)]
+    assert main(argv) == 130
+    data = json.loads((tmp_path / "toy_curves.json").read_text())
+    assert data["complete"] is False
+    assert [r["problem"]["p0"] for r in data["runs"]] == [0.49]
+    assert data["runs"][0]["estimators"]["disarm"]["steps"] == [0, 1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy_curves.json"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from statistics import NormalDist
 
 import numpy as np
@@ -229,15 +230,18 @@ def test_basket_statistics_match_the_raw_gradients():
         assert gp.shape == (reps, n_params) and gl.shape == (reps, 4 * 6)
         c = gp - gp.mean(0)
         var = (c**2).sum(0) / (reps - 1)
-        m4 = (c**4).mean(0)
-        # Var(s^2) = (mu4 - sigma^4 (n-3)/(n-1)) / n, floored at 2 sigma^4 / (n (n-1))
-        var_of_var = np.maximum(
-            (m4 - var**2 * (reps - 3) / (reps - 1)) / reps, 2 * var**2 / (reps * (reps - 1))
-        )
+        # the standard error of the mean variance: delete-one-group jackknife over 20
+        # contiguous groups of 15 repetitions, each left-out variance computed directly
+        size = reps // 20
+        leave_out = np.array([
+            np.delete(gp, np.s_[g * size:(g + 1) * size], axis=0).var(0, ddof=1).mean()
+            for g in range(20)
+        ])
+        jack_se = np.sqrt(19 / 20 * ((leave_out - leave_out.mean()) ** 2).sum())
         stats = out[spec.label]
         expected = {
             "variance": var.mean(),
-            "variance_se": np.sqrt(var_of_var.sum()) / n_params,
+            "variance_se": jack_se,
             "variance_x_evaluations": var.mean() * est.evaluations_per_estimate,
             "logit_variance": gl.var(0, ddof=1).mean(),
         }
@@ -305,3 +309,34 @@ def test_train_vae_on_real_digits_improves_the_elbo():
     assert final["test_iwae"] >= final["test_elbo"] - 1.0
     assert all(math.isfinite(v) and v < 0 for v in final.values())
     assert out["f_evaluations_total"] == 2 * 100 * 16
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"log_every": 0}, "log_every must be >= 1; got 0"),  # was a ZeroDivisionError
+        ({"steps": -3}, "steps must be >= 0; got -3"),  # was silently no training
+        ({"eval_samples": 0}, "eval_samples must be >= 1; got 0"),  # "math domain error"
+        ({"lr": float("nan")}, "lr must be a finite number > 0; got nan"),
+        ({"batch_size": 0}, "batch_size must be >= 1; got 0"),
+        ({"basket_steps": [0, 5]}, "basket_steps must be in [0, steps=2]; got [5]"),
+        ({"basket_steps": [0], "basket_reps": 1}, "basket_reps must be >= 2; got 1"),
+    ],
+)
+def test_train_vae_checks_its_arguments_before_training(kwargs, message):
+    """Checked first: no data is needed to get the error (data=None is never touched)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train_vae(None, parse_estimator_spec("disarm"), **{"steps": 2, **kwargs})
+
+
+@pytest.mark.parametrize("bound", [elbo, iwae_bound])
+def test_bounds_refuse_zero_samples(bound):
+    model, x = _tiny()
+    with pytest.raises(ValueError, match=re.escape("num_samples must be >= 1; got 0")):
+        bound(model, x, num_samples=0)
+
+
+def test_gradient_basket_rejects_a_zero_chunk():
+    model, x = _tiny(latent=3, pixels=4, batch=2)
+    with pytest.raises(ValueError, match="chunk must be >= 1; got 0"):
+        gradient_basket(model, x, parse_estimator_list("arm"), reps=4, chunk=0)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import re
 from statistics import NormalDist
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,3 +110,48 @@ def test_monte_carlo_variance_is_used_beyond_the_exact_limit():
     z_bound = NormalDist().inv_cdf(1 - 1e-4 / 2)  # 3.89
     measured = curve["variance_mean"][0]
     assert abs(measured - theta) <= z_bound * se, (measured, theta, se)
+
+
+def test_variance_measurements_do_not_change_the_training():
+    """Gumbel has no exact variance, so its variance is a Monte Carlo estimate. Those
+    estimates used to come from the training estimator's generator, and measuring every 10
+    steps instead of once at the end flipped seed 0's outcome. Now every curve, and every
+    seed's final answer, is the same whatever eval_every and variance_samples are."""
+    specs = parse_estimator_list("reinforce,disarm,gumbel")
+    runs = [
+        train_toy(
+            YinZhouToy(0.49, 1), specs, steps=300, seeds=[0, 1, 2], eval_every=every,
+            variance_samples=samples,
+        )
+        for every, samples in [(10, 1000), (1000, 1000), (10, 50)]
+    ]
+    assert runs[0]["estimators"]["gumbel"]["variance_method"] == "monte_carlo"
+    for label in ("reinforce", "disarm", "gumbel"):
+        first = runs[0]["estimators"][label]
+        for other in runs[1:]:
+            curve = other["estimators"][label]
+            assert np.array_equal(curve["prob_right_mean"], first["prob_right_mean"]), label
+            assert np.array_equal(
+                curve["final_prob_right_per_seed"], first["final_prob_right_per_seed"]
+            ), label
+    # the measurements still happen, from their own stream: the first is the same draw
+    assert len(runs[0]["estimators"]["gumbel"]["variance_mean"]) == 31
+    assert (
+        runs[0]["estimators"]["gumbel"]["variance_mean"][0]
+        == runs[1]["estimators"]["gumbel"]["variance_mean"][0]
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lr": float("nan")}, "lr must be a finite number > 0; got nan"),
+        ({"init_logit": float("inf")}, "init_logit must be finite; got inf"),
+        ({"record_every": 0}, "record_every must be >= 1; got 0"),
+        ({"eval_every": -1}, "eval_every must be >= 1; got -1"),
+        ({"variance_samples": 1}, "variance_samples must be >= 2; got 1"),
+    ],
+)
+def test_train_toy_argument_errors_say_what_was_given(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train_toy(YinZhouToy(0.49, 1), parse_estimator_list("disarm"), steps=2, **kwargs)
