@@ -27,7 +27,7 @@ The acceptance bar (issue #2): vectorized >= 50x the loop at D = 10, N = 1000.
 Usage::
 
     python benchmarks/estimators.py                 # full run, writes results/estimators_cpu.json
-    python benchmarks/estimators.py --quick         # D in {10, 1000}, fewer repeats
+    python benchmarks/estimators.py --quick         # D in {10, 1000}, fewer repeats: *_quick.json
     python benchmarks/estimators.py --out my.json --threads 1
 """
 
@@ -51,6 +51,9 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 import binopt  # noqa: E402
+from applications.toys._common import environment  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
 
 REQUIRED_RATIO = 50.0
 REQUIRED_AT_DIM = 10
@@ -207,13 +210,20 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def default_out(device: str, quick: bool) -> Path:
+    """``RESULTS/estimators_<device>.json``; ``estimators_<device>_quick.json`` for
+    ``--quick`` (a smoke run never overwrites the committed full result)."""
+    return RESULTS / f"estimators_{device}{'_quick' if quick else ''}.json"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--out",
         type=Path,
         default=None,
-        help="JSON output (default: benchmarks/results/estimators_<device>.json)",
+        help="JSON output (default: benchmarks/results/estimators_<device>.json, "
+        "estimators_<device>_quick.json with --quick)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="D in {10, 1000}, single repeats (a smoke run)"
@@ -230,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dims = [10, 1000] if args.quick else [10, 1000, 100_000]
-    out = args.out or ROOT / "benchmarks" / "results" / f"estimators_{args.device}.json"
+    out = args.out or default_out(args.device, args.quick)
 
     rows = []
     t_start = time.perf_counter()
@@ -267,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "estimators",
         "description": "gradient estimates per second: vectorized grad(num_samples=N) vs "
         "per-sample loops; f(z) = sum((z - 0.49)^2), float32 zero logits",
+        "argv": list(sys.argv) if argv is None else [f"benchmarks/{Path(__file__).name}", *argv],
+        "settings": {**vars(args), "out": str(out)},
+        "environment": environment(),
         "meta": {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__,

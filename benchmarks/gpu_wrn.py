@@ -18,20 +18,26 @@ Variants
                          computed (one device-to-host copy of the gate masks per step).
 
 Each gated variant runs at the model's initial gates (``init``: drop rate 0.3) and with
-all gates open (``open``: ``pi = 0.999``). Variants are timed in interleaved rounds with
-CUDA events; the table gives ms/step (median over rounds), images/s, the ratio to dense
+all gates open (``open``: ``pi = 0.999``). After a warm-up of every variant, the variants
+are timed in interleaved rounds (the order rotated by one place each round) with CUDA
+events; the table gives ms/step (median over rounds), images/s, the ratio to dense
 (of the medians; ``paired``: the median over rounds of the ratio within the round; ``min``:
 of the fastest rounds, the least disturbed by other work on the GPU) and the fraction of the
 card's dense bf16 peak reached by the *dense-equivalent* work (analytic conv/linear MACs
 x 2 FLOPs x 3 for forward and backward, per image x batch; gated variants do more or less
 real work than that). The peak comes from :data:`PEAK_TFLOPS` keyed on the device name, or
 ``--peak-tflops``. Host-device synchronisations inside a step are counted with
-``torch.cuda.set_sync_debug_mode``.
+``torch.cuda.set_sync_debug_mode``. The floor of a two-sample step
+(``two_sample_floor_ratio``: 1 + a dense forward without autograd over a dense step) times
+that forward as one more slot of the same rotating rounds.
 
 Usage::
 
-    python benchmarks/gpu_wrn.py --out benchmarks/results/gpu_wrn.json
-    python benchmarks/gpu_wrn.py --smoke            # tiny WRN, runs on CPU too
+    python benchmarks/gpu_wrn.py                    # CUDA: writes benchmarks/results/gpu_wrn.json
+    python benchmarks/gpu_wrn.py --smoke            # tiny WRN, runs on CPU too (gpu_wrn_smoke.json)
+
+Without ``--out``, a run with other settings than the defaults writes
+``gpu_wrn_<settings>.json`` next to it, never the committed result.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import contextlib
 import copy
 import json
 import platform
+import re
 import statistics
 import sys
 import time
@@ -58,6 +65,9 @@ if str(ROOT) not in sys.path:
 
 from applications.sparsify.models import WideResNet  # noqa: E402
 from applications.sparsify.network import GatedNetwork  # noqa: E402
+from applications.toys._common import environment  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
 
 #: Dense bf16 tensor-core peak (TFLOP/s, without sparsity) by a substring of the device
 #: name; the first match wins, so more specific names come first.
@@ -307,29 +317,39 @@ def run(args) -> dict[str, Any]:
         # memory a step needs beyond what is resident (all models, optimizer states)
         memory.append((torch.cuda.max_memory_allocated(device) - resident) / 2**30
                       if device.type == "cuda" else None)
+    # the floor of a two-sample step: one dense step plus one forward without autograd of
+    # the dense network, timed as one more slot of the same rotating rounds
+    dense_net = built[0][0]
+    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16"
+           else contextlib.nullcontext())
+
+    def nograd_forward() -> None:
+        with torch.no_grad(), amp:
+            dense_net(x)
+
+    _cudnn_mode(specs[0], device)
+    for _ in range(args.warmup):
+        nograd_forward()
     times: list[list[float]] = [[] for _ in specs]
+    fwd_times: list[float] = []
+    slots = len(specs) + 1  # the variants, then the no-grad forward
     for r in range(args.rounds):
-        for j in range(len(specs)):
-            i = (j + r) % len(specs)
+        for j in range(slots):
+            i = (j + r) % slots
+            if i == len(specs):
+                _cudnn_mode(specs[0], device)
+                with _Timer(device) as t:
+                    for _ in range(args.steps):
+                        nograd_forward()
+                fwd_times.append(t.seconds / args.steps)
+                continue
             net, opt = built[i]
             _cudnn_mode(specs[i], device)
             with _Timer(device) as t:
                 for _ in range(args.steps):
                     step(net, opt, x, y)
             times[i].append(t.seconds / args.steps)
-    # the floor of a two-sample step: one dense step plus one forward without autograd
-    dense_net = built[0][0]
-    _cudnn_mode(specs[0], device)
-    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16"
-           else contextlib.nullcontext())
-    fwd_times = []
-    for r in range(args.rounds + 1):
-        with torch.no_grad(), amp, _Timer(device) as t:
-            for _ in range(args.steps):
-                dense_net(x)
-        if r:
-            fwd_times.append(t.seconds / args.steps)
-    nograd_forward = statistics.median(fwd_times)
+    nograd_forward_s = statistics.median(fwd_times)
     exactness = check_exactness(device, args.seed) if args.check or not args.smoke else None
     profiles = {}
     if args.profile:
@@ -375,8 +395,11 @@ def run(args) -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "rows": rows,
-        "dense_nograd_forward_ms": 1e3 * nograd_forward,
-        "two_sample_floor_ratio": 1.0 + nograd_forward / dense,
+        "dense_nograd_forward_ms": 1e3 * nograd_forward_s,
+        "dense_nograd_forward_ms_rounds": [1e3 * t for t in fwd_times],
+        "two_sample_floor_ratio": 1.0 + nograd_forward_s / dense,
+        "two_sample_floor_ratio_paired": 1.0 + statistics.median(
+            f / d for f, d in zip(fwd_times, times[0])),
         "conditional_vs_masked_max_rel_grad_diff": exactness,
         "profiles": profiles,
     }
@@ -389,7 +412,8 @@ def print_table(result: dict[str, Any]) -> None:
         for r in prof["top"]:
             print(f"   {r['ms_per_step']:8.3f} ms {r['calls_per_step']:6.1f}x  {r['name'][:90]}")
     print(f"dense forward without autograd: {result['dense_nograd_forward_ms']:.2f} ms; "
-          f"floor of a two-sample step: {result['two_sample_floor_ratio']:.3f} x dense")
+          f"floor of a two-sample step: {result['two_sample_floor_ratio']:.3f} x dense "
+          f"(paired {result['two_sample_floor_ratio_paired']:.3f}; same rounds)")
     if result["conditional_vs_masked_max_rel_grad_diff"] is not None:
         print("conditional vs masked, max relative gradient difference:",
               result["conditional_vs_masked_max_rel_grad_diff"])
@@ -428,7 +452,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="also compare conditional and masked gradients in --smoke runs")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny WRN-10-1, batch 8, 1 round of 1 step, fp32 on CPU (a test)")
-    parser.add_argument("--out", default=None, help="JSON output path")
+    parser.add_argument("--out", default=None,
+                        help="JSON output path (default: benchmarks/results/gpu_wrn.json on "
+                        "CUDA, gpu_wrn_smoke.json with --smoke; see default_out)")
     args = parser.parse_args(argv)
     if args.only is not None:
         args.only = ["dense", *args.only]
@@ -438,13 +464,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not torch.cuda.is_available() or args.device == "cpu":
             args.dtype = "fp32"  # bf16 convolutions are slow on most CPUs
     result = run(args)
+    path = Path(args.out) if args.out else default_out(args, parser, result["device_type"])
+    result["argv"] = (list(sys.argv) if argv is None
+                      else [f"benchmarks/{Path(__file__).name}", *argv])
+    result["environment"] = environment()
+    result["out"] = str(path)
     print_table(result)
-    if args.out:
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
     return result
+
+
+#: Options that do not change the timings (left out of default output names).
+_NOT_SETTINGS = frozenset({"out", "device", "profile", "check", "peak_tflops"})
+
+
+def default_out(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                device_type: str) -> Path:
+    """``RESULTS/gpu_wrn_smoke.json`` for ``--smoke``; ``gpu_wrn.json`` for a CUDA run with
+    the default settings (``gpu_wrn_cpu.json`` on the CPU); otherwise a name that spells
+    out the settings that differ from the defaults, so that a run with other settings never
+    overwrites the committed result unless ``--out`` names it."""
+    if args.smoke:
+        return RESULTS / "gpu_wrn_smoke.json"
+    stem = "gpu_wrn" if device_type == "cuda" else f"gpu_wrn_{device_type}"
+    defaults = vars(parser.parse_args([]))
+    changed = []
+    for key, value in sorted(vars(args).items()):
+        if key in _NOT_SETTINGS or key not in defaults or value == defaults[key]:
+            continue
+        if key == "only":
+            value = "+".join(v for v in value if v != "dense")
+        changed.append(f"{key}-{value}")
+    if not changed:
+        return RESULTS / f"{stem}.json"
+    slug = re.sub(r"[^A-Za-z0-9.+-]+", "_", "_".join(changed)).strip("_")[:80]
+    return RESULTS / f"{stem}_{slug}.json"
 
 
 if __name__ == "__main__":

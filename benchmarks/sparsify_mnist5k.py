@@ -20,6 +20,23 @@ Writes ``benchmarks/results/sparsify_mnist5k.{json,md,png}`` (``_quick`` with ``
 the individual runs (metrics, checkpoints, summaries, exported models) go to ``--runs``.
 An interrupted benchmark restarts where it stopped: finished runs are read back from their
 ``summary.json``, unfinished ones resume from their checkpoints.
+
+Reuse across code revisions: every run folder keeps ``benchmark_revision.json``, the git
+revisions (``git rev-parse HEAD``; ``null`` where git or the repository is missing) of
+the code that trained it, and every record of the JSON its ``git_revision``, whether it was
+``reused`` (read back from an earlier invocation) and, for those, the revision that
+produced it. ``--reuse`` decides what an earlier run may be used for:
+
+- ``same-revision`` (the default): read back or resume only runs of the current revision;
+  a run of another (or an unknown) revision is trained again from scratch (so without git
+  every run is re-trained). Uncommitted changes do not change the revision: re-run with
+  ``--reuse never`` after editing the code.
+- ``any``: read back or resume every run whose settings match, whatever its revision (the
+  behaviour before revisions were recorded).
+- ``never``: train every run from scratch.
+
+The JSON also records the command line (``argv``), the parsed options (``args``) and the
+environment (versions, machine).
 """
 
 from __future__ import annotations
@@ -29,6 +46,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -41,6 +59,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results"
+#: Per run folder: the git revisions of the code that trained the run (see run_one).
+REVISION_FILE = "benchmark_revision.json"
+REUSE_POLICIES = ("same-revision", "any", "never")
 LABELS = {"dense": "dense", "arm": "L0-ARM", "hard_concrete": "L0-HC"}
 TARGET_KEPT = {"mlp": 0.10, "lenet5": 0.05}
 MODEL_NAMES = {"mlp": "MLP 784-300-100-10", "lenet5": "LeNet-5-Caffe 20-50-800-500"}
@@ -104,21 +125,68 @@ def _config(spec: dict[str, Any]):
     )
 
 
+def git_revision(root: Path = ROOT) -> str | None:
+    """``git rev-parse HEAD`` of ``root``; ``None`` without git or outside a repository."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rev = done.stdout.strip()
+    return rev or None
+
+
+def _may_reuse(policy: str, stored: str | None, current: str | None) -> bool:
+    """Whether a run written at revision ``stored`` may be reused (or resumed) now."""
+    if policy == "any":
+        return True
+    if policy == "never":
+        return False
+    return current is not None and stored == current  # "same-revision"
+
+
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
-    """Train one run (or read it back when already finished); return a condensed record."""
+    """Train one run (or read it back when already finished); return a condensed record.
+
+    ``spec["git_revision"]`` is the revision of the code now, ``spec["reuse"]`` the policy
+    (``same-revision``, ``any`` or ``never``; see the module docstring). ``OUT/`` keeps
+    :data:`REVISION_FILE` with the revisions of the code that trained the run.
+    """
     from applications.sparsify.train import train, train_dense
 
     config = _config(spec)
-    summary_path = Path(spec["out"]) / "summary.json"
-    summary = None
+    current, policy = spec.get("git_revision"), spec.get("reuse", "same-revision")
+    out = Path(spec["out"])
+    summary_path, revision_path = out / "summary.json", out / REVISION_FILE
+    revisions: list[str | None] = []
+    if revision_path.exists():
+        revisions = list(json.loads(revision_path.read_text()).get("git_revisions", []))
+    stored = revisions[-1] if revisions else None
+    allowed = _may_reuse(policy, stored, current)
+    summary, note = None, None
     if summary_path.exists():
         old = json.loads(summary_path.read_text())
         if old.get("config", {}) | {"resume": False} == config.to_dict() | {"resume": False}:
-            summary = old
+            if allowed:
+                summary = old
+            else:
+                note = (f"re-run: finished at revision {stored or 'unknown'}, now "
+                        f"{current or 'unknown'} (--reuse {policy})")
+    reused = summary is not None
     if summary is None:
-        config.resume = True  # picks up a checkpoint of an interrupted benchmark, if any
+        # picks up a checkpoint of an interrupted benchmark of a revision it may reuse;
+        # otherwise starts afresh (which deletes the earlier run's outputs)
+        config.resume = allowed
+        revisions = [*revisions, current] if allowed else [current]
+        revisions = [r for i, r in enumerate(revisions) if r not in revisions[:i]]
+        out.mkdir(parents=True, exist_ok=True)
+        revision_path.write_text(json.dumps({"git_revisions": revisions}, indent=2) + "\n")
         summary = train_dense(config) if spec["kind"] == "dense" else train(config)
     return {
+        "git_revision": revisions[-1] if revisions else None,
+        "git_revisions": revisions,
+        "reused": reused,
+        "rerun_note": note,
         "model": spec["model"], "method": spec["kind"], "lambda": spec["lam"],
         "seed": spec["seed"], "epochs": spec["epochs"],
         "test_error": summary["test_error"],
@@ -233,7 +301,10 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         f"Seeds {payload['seeds']}; {payload['num_train']:,} training and "
         f"{payload['num_test']:,} test images; total wall time "
-        f"{payload['wall_time_s'] / 60:.1f} min on {payload['machine']}.",
+        f"{payload['wall_time_s'] / 60:.1f} min on {payload['machine']}."
+        + (f" {payload['runs_reused']} of {len(payload['records'])} runs were read back "
+           f"from earlier invocations (revisions {', '.join(payload['reused_revisions'])})."
+           if payload.get("runs_reused") else ""),
         "Errors and kept fractions are means ± sd over seeds; weights/FLOPs kept are those of "
         "the exported (genuinely smaller) network relative to the dense one, biases included.",
         "",
@@ -349,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=str(RESULTS), help="folder for the result files")
     p.add_argument("--replot", action="store_true",
                    help="only re-render the .md and .png from the existing .json")
+    p.add_argument("--reuse", choices=REUSE_POLICIES, default="same-revision",
+                   help="finished (or interrupted) runs in --runs to read back (or resume): "
+                   "only those of the current git revision (default; re-run the others "
+                   "from scratch), any, or never")
     args = p.parse_args(argv)
     if args.replot:
         tag = "sparsify_mnist5k" + ("_quick" if args.quick else "")
@@ -372,7 +447,11 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     specs = plan_runs(settings, seeds, runs_dir, limit, args.models)
-    print(f"{len(specs)} runs, {args.workers} worker(s); runs in {runs_dir}", flush=True)
+    revision = git_revision()
+    for spec in specs:
+        spec.update(git_revision=revision, reuse=args.reuse)
+    print(f"{len(specs)} runs, {args.workers} worker(s); runs in {runs_dir}; revision "
+          f"{revision or 'unknown'}, reuse: {args.reuse}", flush=True)
 
     t0 = time.perf_counter()
     records: list[dict[str, Any]] = []
@@ -391,11 +470,20 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import binopt
+    from applications.toys._common import environment
 
     records.sort(key=lambda r: (r["model"], r["method"], r["lambda"], r["seed"]))
     rows = aggregate(records)
+    reused = [r for r in records if r["reused"]]
     payload = {
         "benchmark": tag,
+        "argv": list(sys.argv) if argv is None else [f"benchmarks/{Path(__file__).name}", *argv],
+        "args": vars(args),
+        "git_revision": revision,
+        "reuse": args.reuse,
+        "runs_reused": len(reused),
+        "reused_revisions": sorted({str(r["git_revision"]) for r in reused}),
+        "environment": environment(),
         "quick": args.quick,
         "seeds": seeds,
         "settings": {m: settings[m] for m in args.models},
@@ -432,7 +520,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _progress(rec: dict[str, Any], done: int, total: int, t0: float) -> None:
-    print(f"[{done}/{total} {(time.perf_counter() - t0) / 60:5.1f} min] {rec['model']:6s} "
+    if rec.get("rerun_note"):
+        print(f"  {rec['out']}: {rec['rerun_note']}", flush=True)
+    how = (f"reused (revision {(rec['git_revision'] or 'unknown')[:12]}) "
+           if rec.get("reused") else "")
+    print(f"[{done}/{total} {(time.perf_counter() - t0) / 60:5.1f} min] {how}{rec['model']:6s} "
           f"{LABELS[rec['method']]:6s} lam={rec['lambda']:<5g} seed={rec['seed']} "
           f"err={100 * rec['test_error']:.2f}% kept={100 * rec['params_kept_fraction']:.2f}% "
           f"arch={rec['architecture']}", flush=True)

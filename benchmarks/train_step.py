@@ -37,7 +37,10 @@ Usage::
     python benchmarks/train_step.py                      # both models
     python benchmarks/train_step.py --models mlp --rounds 50 --threads 2
 
-Prints a table and writes ``benchmarks/results/train_step_cpu.json`` (``--out``).
+Prints a table and writes ``benchmarks/results/train_step_cpu.json`` when every setting is
+the default; a run with other settings writes ``train_step_cpu_<settings>.json`` (e.g.
+``train_step_cpu_models-mlp_threads-2.json``) unless ``--out`` names the file. The JSON
+records the command line, the settings and the environment.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -64,6 +68,9 @@ if str(ROOT) not in sys.path:
 from applications.sparsify.denormals import flush_denormals  # noqa: E402
 from applications.sparsify.models import lenet5_caffe, mlp  # noqa: E402
 from applications.sparsify.network import GatedNetwork  # noqa: E402
+from applications.toys._common import environment  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
 
 #: Bars of issue #5: L0-ARM step / dense step, per model and gate state.
 BARS = {("mlp", "open"): 1.5, ("mlp", "sparse"): 0.8, ("lenet5", "open"): 1.6,
@@ -325,7 +332,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{r['cpu_ms_optimizer']:6.3f} {r['ratio_wall']:8.3f} {r['ratio_cpu']:7.3f} {bar}")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["mlp", "lenet5"], choices=list(BUILDERS))
     parser.add_argument("--rounds", type=int, default=None,
@@ -339,8 +346,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steady-steps", type=int, default=1200,
                         help="consecutive steps of the subnormal check (0: skip it)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/train_step_cpu.json"))
+    parser.add_argument("--out", default=None,
+                        help="JSON output (default: benchmarks/results/train_step_cpu.json "
+                        "with the default settings, else a name spelling out the settings "
+                        "that differ; see default_out)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    out = Path(args.out) if args.out else default_out(args, parser)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     started = time.time()
@@ -371,6 +387,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seed": args.seed,
             "flush_denormals": True,
         },
+        "argv": list(sys.argv) if argv is None else [f"benchmarks/{Path(__file__).name}", *argv],
+        "args": {**vars(args), "out": str(out)},
+        "environment": environment(),
         "machine": {
             "torch": torch.__version__,
             "python": platform.python_version(),
@@ -381,12 +400,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "seconds": time.time() - started,
     }
-    if args.out:
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {path}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
     return result
+
+
+def default_out(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
+    """``RESULTS/train_step_cpu.json`` when every setting is the default; otherwise
+    ``train_step_cpu_<settings>.json`` naming the settings that differ (e.g.
+    ``train_step_cpu_models-mlp_threads-2.json``), so that a run with other settings never
+    overwrites the committed result unless ``--out`` names it."""
+    defaults = vars(parser.parse_args([]))
+    changed = []
+    for key, value in sorted(vars(args).items()):
+        if key == "out" or key not in defaults or value == defaults[key]:
+            continue
+        if isinstance(value, (list, tuple)):
+            value = "+".join(map(str, value))
+        changed.append(key if value is True else f"{key}-{value}")
+    if not changed:
+        return RESULTS / "train_step_cpu.json"
+    slug = re.sub(r"[^A-Za-z0-9.+-]+", "_", "_".join(changed)).strip("_")[:80]
+    return RESULTS / f"train_step_cpu_{slug}.json"
 
 
 if __name__ == "__main__":

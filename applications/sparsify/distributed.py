@@ -97,7 +97,9 @@ class ShardedBatchSampler(torch.utils.data.Sampler[list[int]]):
     each. With ``world_size = 1`` this is an ordinary seeded shuffle, so single-process and
     multi-process runs see exactly the same global batches.
 
-    Call :meth:`set_epoch` before each epoch.
+    Call :meth:`set_epoch` before each epoch. Iterating yields each step's indices as a
+    list (for a ``DataLoader`` over CPU data); :meth:`local_indices` gives the same indices,
+    in the same order, as one tensor, for data that live on the device.
     """
 
     def __init__(
@@ -118,9 +120,22 @@ class ShardedBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.epoch = int(epoch)
 
     def global_batches(self) -> list[torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        # (mod 2**64: a generator takes 64-bit seeds; --seed goes up to 2**63 - 1)
+        g = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) % 2**64)
         perm = torch.randperm(self.num_examples, generator=g)
         return list(perm.split(self.batch_size))
+
+    def local_indices(self) -> tuple[torch.Tensor, list[int]]:
+        """This rank's shards of the epoch's global batches, concatenated (one CPU tensor),
+        and the size of each shard: step ``k`` takes ``indices[sum(sizes[:k]):][:sizes[k]]``,
+        exactly the indices that iterating the sampler yields at step ``k``.
+
+        Copied to the device once per epoch, the steps' indices are then slices of a device
+        tensor: indexing device data with them needs no host-device synchronisation, while
+        indexing with a list builds the index on the host and copies it every step.
+        """
+        shards = [shard(b, self.rank, self.world_size) for b in self.global_batches()]
+        return torch.cat(shards), [int(s.shape[0]) for s in shards]
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.global_batches():

@@ -761,7 +761,10 @@ class SampleBatchNorm(nn.modules.batchnorm._BatchNorm):
             self._check_input_dim(x)
             if s == 1:
                 return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
-        elif s == 1:
+        elif s == 1 and self.momentum is not None:
+            # (momentum=None: nn.BatchNorm reads num_batches_tracked on the host for its
+            # cumulative factor, a sync per layer and step on CUDA; the path below keeps it
+            # on the device)
             return super().forward(x)
         self._check_input_dim(x)
         if x.shape[0] % s:

@@ -18,7 +18,10 @@ What a run writes to ``OUT/``
     replaced atomically (written to a temporary file in the same folder, then
     ``os.replace``). ``resume=True`` continues from it and reaches exactly the same final
     state as an uninterrupted run with the same settings on the same device; ``lr``,
-    ``gate_lr`` and ``lam`` may change on resume (e.g. after a NaN loss).
+    ``gate_lr`` and ``lam`` may change on resume (e.g. after a NaN loss). A resume on
+    another device type (a CUDA run continued on the CPU or the reverse) works too, but
+    the random streams are then reseeded (see Randomness), so its results differ from an
+    uninterrupted run's.
 ``summary.json``, ``summary.png``
     The final results (see :func:`train`) and a plot of the kept units per layer and the
     error per epoch.
@@ -36,12 +39,25 @@ minibatch order (a dedicated ``torch.Generator`` for the data loader) and the ga
 (a dedicated generator handed to the estimator). The train/test split of ``mnist5k``, the
 validation split and ``limit`` subsampling are seeded by ``config.data_seed`` so that runs
 with different seeds are evaluated on the same examples.
+
+A checkpoint stores the state of every generator and the device type they ran on. A random
+state of one device type cannot be loaded into a generator of another (a CPU generator's
+state is 5056 bytes, a CUDA generator's 16), so a resume on another device type reseeds the
+gate samples' generator and torch's global generators (CPU and CUDA) deterministically from
+``config.seed`` and the number of finished epochs (:func:`_resume_seed`), and prints one
+warning on stderr: the run goes on, but its random stream, and therefore its results,
+differ from an uninterrupted run's. The batch order depends only on the seed and the epoch
+and is unchanged. A checkpoint whose random states cannot be restored on the same device
+type (e.g. written by another torch version) is treated the same way. Checkpoints of
+earlier versions, which do not store the device type, are judged by the size of the gate
+generator's state.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -49,7 +65,7 @@ import platform
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,6 +213,9 @@ class TrainConfig:
         checkpoint, except ``epochs`` (at least the epochs it has finished), ``lr``,
         ``gate_lr`` and ``lam``: new values of these apply from the next epoch and are
         recorded as ``setting_changes`` (in that epoch's metrics and in the summary).
+        ``device`` may change too, also to another device type (the random streams are
+        then reseeded, see the module docstring; recorded as ``"device": [old type, new
+        type]`` in ``setting_changes``).
     baseline : str or None
         ``"dense"``: also train the ungated network with the same budget (epochs, batch
         size, optimizer, seed) and report ``dense_test_error``.
@@ -638,15 +657,56 @@ def _make_scheduler(config: TrainConfig, opt: torch.optim.Optimizer):
     return None
 
 
-def _loader(
-    ds: TensorDataset, batch_size: int, seed: int
-) -> tuple[DataLoader, ShardedBatchSampler]:
-    # The sampler yields this rank's shard of each global batch as a list of indices, and a
-    # TensorDataset indexes its tensors once per step with it (no per-example collation).
-    # The permutation depends only on (seed, epoch): resuming needs no loader state, and
-    # every number of processes sees the same global batches.
+def _loader(ds: TensorDataset, batch_size: int, seed: int) -> tuple[Any, ShardedBatchSampler]:
+    """The training minibatches: an iterable of ``(x, y)`` with ``len`` = steps per epoch,
+    and the sampler (call ``set_epoch`` before each epoch).
+
+    The permutation depends only on (seed, epoch): resuming needs no loader state, and every
+    number of processes sees the same global batches. Data on the CPU go through a
+    ``DataLoader`` whose sampler yields this rank's shard of each global batch as a list of
+    indices (a ``TensorDataset`` indexes its tensors once per step with it, no per-example
+    collation); data on an accelerator through :class:`_DeviceBatches`, which yields the
+    same batches without a host-device synchronisation per step.
+    """
     sampler = ShardedBatchSampler(len(ds), batch_size, seed, _CTX.rank, _CTX.world_size)
+    if _on_accelerator(ds):
+        return _DeviceBatches(ds.tensors, sampler), sampler
     return DataLoader(ds, sampler=sampler, batch_size=None), sampler
+
+
+def _on_accelerator(ds: TensorDataset) -> bool:
+    return any(t.device.type != "cpu" for t in ds.tensors)
+
+
+class _DeviceBatches:
+    """The batches of ``sampler`` gathered from ``tensors`` (on a device) by ``index_select``.
+
+    Indexing a CUDA tensor with a Python list (what a ``DataLoader`` over a ``TensorDataset``
+    does) builds the index on the host and copies it with a blocking copy: a host-device
+    synchronisation per step and tensor. Here the epoch's indices are copied to the device
+    once (:meth:`ShardedBatchSampler.local_indices`) and each step selects with a slice of
+    them, which needs no synchronisation. The batches, and their order, are those of the
+    ``DataLoader``.
+    """
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], sampler: ShardedBatchSampler) -> None:
+        self.tensors = tuple(tensors)
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        indices, sizes = self.sampler.local_indices()
+        on_device: dict[torch.device, torch.Tensor] = {}
+        for t in self.tensors:
+            if t.device not in on_device:
+                on_device[t.device] = indices.to(t.device)  # the epoch's one copy
+        start = 0
+        for n in sizes:
+            yield tuple(t.index_select(0, on_device[t.device][start:start + n])
+                        for t in self.tensors)
+            start += n
 
 
 def _channels_last(net: nn.Module, device: torch.device) -> bool:
@@ -829,6 +889,91 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise ConfigError(f"cannot read checkpoint {path}: {exc}") from None
 
 
+def _rng_state(est_gen: torch.Generator | None, device: torch.device) -> dict[str, Any]:
+    """Every random state of the run, and the device types they belong to."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "estimator": est_gen.get_state() if est_gen is not None else None,
+        # the device type of the run (whose global generator drives e.g. dropout) and of
+        # the gate samples' generator: random states do not carry over to another type
+        "device": device.type,
+        "estimator_device": est_gen.device.type if est_gen is not None else None,
+    }
+
+
+def _stored_device_type(rng: Mapping[str, Any]) -> str | None:
+    """The device type a checkpoint's random streams ran on; ``None``: unknown.
+
+    Checkpoints of earlier versions do not store it: a gate generator state of a CPU
+    generator's size (5056 bytes) is a CPU one, any other (16 bytes on CUDA) is not.
+    """
+    stored = rng.get("estimator_device") or rng.get("device")
+    if stored is not None:
+        return str(stored)
+    state = rng.get("estimator")
+    if isinstance(state, torch.Tensor):
+        return "cpu" if state.numel() == torch.Generator().get_state().numel() else "cuda"
+    return None
+
+
+def _resume_seed(seed: int, epoch: int, stream: str) -> int:
+    """The seed of random ``stream`` (``"estimator"`` or ``"torch"``) of a run resumed after
+    ``epoch`` finished epochs whose random states cannot be restored: a 64-bit hash of
+    ``(seed, epoch, stream)``, the same on every rank and machine."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _restore_rng(rng: Mapping[str, Any], est_gen: torch.Generator | None,
+                 device: torch.device, seed: int, epoch: int, printer: _Printer | None,
+                 folder: Path) -> str | None:
+    """Restore a checkpoint's random states; returns the checkpoint's device type when it
+    is not this run's (the streams were then reseeded), else ``None``.
+
+    On another device type (or when a state does not load), the gate generator and
+    torch's global generators are reseeded with :func:`_resume_seed` and one warning goes
+    to stderr: the run continues, but not with the random stream an uninterrupted run
+    would have used.
+    """
+    stored = _stored_device_type(rng)
+    if stored is not None and stored != device.type:
+        _reseed(est_gen, seed, epoch)
+        _warn(printer,
+              f"the checkpoint in {folder} was written on {stored}, this run continues on "
+              f"{device.type}: its random stream (gate samples, dropout) cannot carry over and "
+              "is reseeded from the seed and the epoch, so its results differ from those of "
+              "an uninterrupted run")
+        return stored
+    try:
+        torch.set_rng_state(rng["torch"])
+        if est_gen is not None and rng.get("estimator") is not None:
+            est_gen.set_state(rng["estimator"])
+    except (RuntimeError, TypeError, ValueError, KeyError) as exc:
+        _reseed(est_gen, seed, epoch)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        _warn(printer,
+              f"cannot restore the random state of the checkpoint in {folder} ({first}): the "
+              "run continues with its random stream reseeded from the seed and the epoch, so "
+              "its results differ from those of an uninterrupted run")
+        return None
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError, IndexError):  # e.g. fewer GPUs now
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return None
+
+
+def _warn(printer: _Printer | None, text: str) -> None:
+    if printer is not None:
+        printer.warn_once("rng", text)
+
+
+def _reseed(est_gen: torch.Generator | None, seed: int, epoch: int) -> None:
+    torch.manual_seed(_resume_seed(seed, epoch, "torch"))  # the CPU and every CUDA device
+    if est_gen is not None:
+        est_gen.manual_seed(_resume_seed(seed, epoch, "estimator"))
+
+
 # =============================================================================== one phase
 @dataclass
 class _Phase:
@@ -842,10 +987,17 @@ class _Printer:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.bar = enabled and _isatty()
+        self.warned: set[str] = set()
 
     def line(self, text: str) -> None:
         if self.enabled:
             print(text, flush=True)
+
+    def warn_once(self, key: str, text: str) -> None:
+        """One line on stderr (rank 0, whatever ``progress`` says), once per ``key``."""
+        if _CTX.is_main and key not in self.warned:
+            self.warned.add(key)
+            print(f"binopt: warning: {text}", file=sys.stderr, flush=True)
 
 
 def _isatty() -> bool:
@@ -925,13 +1077,9 @@ def _run_phase(
             if isinstance(value, torch.Tensor):
                 value = value.to(device)
             setattr(net.estimator, key, value)
-        rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            with contextlib.suppress(RuntimeError, IndexError):
-                torch.cuda.set_rng_state_all(rng["cuda"])
-        if est_gen is not None and rng.get("estimator") is not None:
-            est_gen.set_state(rng["estimator"])
+        # (no warning when no epoch is left to train: then nothing random happens)
+        moved_from = _restore_rng(ckpt["rng"], est_gen, device, config.seed, start_epoch,
+                                  printer if start_epoch < config.epochs else None, folder)
         history = list(ckpt["history"])
         train_time = float(ckpt.get("train_time_s", 0.0))
         changes = list(ckpt.get("setting_changes", []))
@@ -945,10 +1093,12 @@ def _run_phase(
             lrs = [float(now["lr"])] + ([float(now["gate_lr"])] if len(opt.param_groups) > 1
                                         else [])
             _set_base_lrs(opt, scheduler, lrs)
-            if start_epoch < config.epochs:
-                changes.append({"epoch": start_epoch + 1, **changed})
-                printer.line(f"[{phase.name}] from epoch {start_epoch + 1}: " + ", ".join(
-                    f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+        if moved_from is not None:
+            changed["device"] = [moved_from, device.type]
+        if changed and start_epoch < config.epochs:
+            changes.append({"epoch": start_epoch + 1, **changed})
+            printer.line(f"[{phase.name}] from epoch {start_epoch + 1}: " + ", ".join(
+                f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
     else:
         if config.resume:
             printer.line(f"[{phase.name}] no checkpoint in {folder}; starting from scratch")
@@ -1045,11 +1195,7 @@ def _run_phase(
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "estimator_state": _estimator_state(net.estimator),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "estimator": est_gen.get_state() if est_gen is not None else None,
-            },
+            "rng": _rng_state(est_gen, device),
             "history": history,
             "setting_changes": changes,
             "train_time_s": train_time,
@@ -1296,8 +1442,8 @@ def train(config: TrainConfig, *,
         ``parameterization``, ``k``, ``model``, ``dataset``, ``epochs``, ``seed``,
         ``data_seed``, ``versions``, ``device``, ``wall_time_s``, ``out`` and the config;
         ``setting_changes`` (``dense_setting_changes`` for the baseline) when a resume
-        changed ``lr``, ``gate_lr`` or ``lam``: ``[{"epoch": first epoch with the new
-        values, "lr": [old, new], ...}]``.
+        changed ``lr``, ``gate_lr``, ``lam`` or the device type: ``[{"epoch": first epoch
+        with the new values, "lr": [old, new], ...}]`` (``"device": ["cuda", "cpu"]``).
 
     Raises
     ------

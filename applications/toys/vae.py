@@ -393,7 +393,7 @@ def gradient_basket(
             "evaluations": evals,
             "variance": var,
             # parameters are correlated: a jackknife over groups of repetitions, not
-            # the per-parameter errors combined as if independent (3x too small)
+            # the per-parameter errors combined as if independent (3 to 50x too small)
             "variance_se": acc_p.mean_variance_se() if groups else float("nan"),
             "variance_x_evaluations": var * evals,
             # |mean|^2 overestimates |E g|^2 by trace(Var)/reps; this is unbiased

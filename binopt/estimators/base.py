@@ -22,6 +22,7 @@ structures, averaging, detached per-estimate gradients) is shared here.
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -182,7 +183,10 @@ class Estimator(abc.ABC):
                 for leaf in leaves
             ]
             values = self._run(f, logits, alphas)
-            grads = torch.autograd.grad(values.sum(), alphas, allow_unused=True)
+            # the backward pass outside autocast (as PyTorch recommends): inside it, its
+            # matrix products would run in bf16 again whatever the forward pass chose
+            with no_autocast(alphas[0].device.type):
+                grads = torch.autograd.grad(values.sum(), alphas, allow_unused=True)
         out = [torch.zeros_like(a) if g is None else g.detach() for a, g in zip(alphas, grads)]
         return rebuild(out)
 
@@ -254,6 +258,14 @@ class Estimator(abc.ABC):
         """Uniform noise bounded away from 0 and 1, for log-odds transforms."""
         eps = torch.finfo(like.dtype).eps
         return self._uniform(shape, like).clamp(eps, 1.0 - eps)
+
+
+def no_autocast(device_type: str):
+    """A context switching autocast off on ``device_type`` (nothing to do on devices without
+    autocast, such as ``meta``)."""
+    if device_type in ("cpu", "cuda"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def attach_gradient(value: torch.Tensor, coef: list[torch.Tensor], alphas: list[torch.Tensor]):

@@ -583,3 +583,20 @@ def test_namedtuple_logits():
     assert isinstance(g, pair) and g.a.shape == (1,) and g.b.shape == (2,)
     est = make("arm", 0).grad(lambda z: z.a.sum(-1) * z.b.sum(-1), logits, num_samples=3)
     assert isinstance(est, pair) and est.b.shape == (3, 2)
+
+
+def test_exact_is_exact_under_autocast():
+    """Under (CPU bf16) autocast, the enumeration's matmul must stay in the logits' float32:
+    in bf16 the oracle's gradient was 17% off on 12 units."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, generator=gen)
+    w = torch.randn(12, generator=gen)
+
+    def f(z):
+        return (z * w).sum(-1) ** 2
+
+    expected = binopt.exact_grad(f, logits.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = binopt.exact_grad(f, logits)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)

@@ -311,6 +311,23 @@ def test_train_step_benchmark_runs(tmp_path, load_benchmark):
     assert result["settings"]["torch_threads"] == 1
     steady = {(r["variant"], r["flush_denormals"]) for r in result["steady_state"]}
     assert steady == {(v, f) for v in ("dense", "L0-ARM sparse") for f in (False, True)}
+    assert result["argv"][1:3] == ["--models", "mlp"] and result["args"]["rounds"] == 2
+    assert result["args"]["out"] == str(out) and "torch" in result["environment"]
+
+
+def test_train_step_benchmark_default_out(load_benchmark):
+    bench = load_benchmark("train_step")
+    parser = bench.build_parser()
+
+    def default(*argv):
+        return bench.default_out(parser.parse_args(list(argv)), parser)
+
+    # only a run with every default setting writes the committed file
+    assert default() == bench.RESULTS / "train_step_cpu.json"
+    assert default("--threads", "2", "--models", "mlp") == (
+        bench.RESULTS / "train_step_cpu_models-mlp_threads-2.json")
+    assert default("--no-fused").name == "train_step_cpu_no_fused.json"
+    assert default("--rounds", "2", "--warmup", "0").name == "train_step_cpu_rounds-2_warmup-0.json"
 
 
 def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path, load_benchmark):
@@ -322,3 +339,119 @@ def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path, load_benchmark):
     assert out.exists()
     assert [r["variant"] for r in result["rows"]] == ["dense", "L0-ARM init", "L0-HC open"]
     assert result["macs_per_image"] > 0 and result["rows"][0]["ratio_to_dense"] == 1.0
+    # the no-grad forward of the two-sample floor is timed in the same rounds
+    assert len(result["dense_nograd_forward_ms_rounds"]) == result["settings"]["rounds"]
+    assert result["two_sample_floor_ratio_paired"] > 1.0
+    assert result["argv"][1:3] == ["--smoke", "--device"] and "torch" in result["environment"]
+
+
+def test_gpu_benchmark_default_out(tmp_path, monkeypatch, load_benchmark):
+    bench = load_benchmark("gpu_wrn")
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "print_table", lambda result: None)
+    monkeypatch.setattr(bench, "run", lambda args: {"device_type": "cuda", "rows": []})
+    for argv, name in [(["--smoke"], "gpu_wrn_smoke.json"), ([], "gpu_wrn.json"),
+                       (["--profile", "3"], "gpu_wrn.json"),
+                       (["--rounds", "20", "--only", "L0-ARM init"],
+                        "gpu_wrn_only-L0-ARM_init_rounds-20.json")]:
+        result = bench.main(argv)
+        assert result["out"] == str(tmp_path / name) and (tmp_path / name).exists()
+
+
+def test_ddp_benchmark_smoke_default_out(tmp_path, monkeypatch, load_benchmark):
+    import json
+    import socket
+
+    torch.set_default_dtype(torch.float32)
+    with socket.socket() as sock:  # a free port for the one-process gloo group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.chdir(tmp_path)  # the default output does not depend on the cwd
+    bench = load_benchmark("ddp_wrn")
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
+    assert bench.main(["--smoke"]) == 0
+    result = json.loads((tmp_path / "results" / "ddp_wrn_smoke.json").read_text())
+    assert result["argv"][1:] == ["--smoke"] and result["settings"]["rounds"] == 2
+    assert result["round_orders"] == [["plain", "ddp"], ["ddp", "plain"]]
+    assert result["ddp_over_plain_paired"] > 0 and "torch" in result["environment"]
+    assert bench.default_out(False, torch.device("cuda")).name == "ddp_wrn_gpu.json"
+    assert bench.default_out(False, torch.device("cuda")).parent == bench.RESULTS
+
+
+def test_sparsify_benchmark_reuse_across_revisions(tmp_path, monkeypatch, load_benchmark):
+    import json
+
+    from applications.sparsify import train as train_mod
+
+    bench = load_benchmark("sparsify_mnist5k")
+    calls = []
+
+    def fake_train(config):
+        calls.append(config.resume)
+        summary = {"config": config.to_dict(), "test_error": 0.1, "params_kept_fraction": 0.5,
+                   "flops_kept_fraction": 0.5, "expected_kept_fraction": 0.5,
+                   "architecture": "1-1", "dense_architecture": "2-2", "train_time_s": 1.0,
+                   "wall_time_s": 1.0}
+        (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    spec = dict(model="mlp", kind="arm", lam=0.1, seed=0, epochs=1, limit=10,
+                gated={"gate_lr": 7e-3}, out=str(tmp_path / "run"))
+
+    def run(revision, reuse="same-revision"):
+        return bench.run_one({**spec, "git_revision": revision, "reuse": reuse})
+
+    first = run("aaa")
+    assert calls == [False] and not first["reused"] and first["git_revision"] == "aaa"
+    again = run("aaa")  # same revision: read back, marked as reused with its revision
+    assert calls == [False] and again["reused"] and again["git_revision"] == "aaa"
+    other = run("bbb")  # another revision: trained again from scratch by default
+    assert calls == [False, False] and not other["reused"] and other["git_revision"] == "bbb"
+    assert "revision aaa" in other["rerun_note"]
+    anyrev = run("ccc", reuse="any")
+    assert calls == [False, False] and anyrev["reused"] and anyrev["git_revision"] == "bbb"
+    assert not run("ccc", reuse="never")["reused"] and calls == [False, False, False]
+    assert not run(None)["reused"]  # no git: the revision cannot be checked, so re-run
+    assert bench.git_revision(tmp_path) is None  # not a repository: tolerated
+    assert bench._may_reuse("same-revision", None, None) is False
+
+
+def test_export_speed_bar_not_evaluated_without_pruned_rows(tmp_path, load_benchmark):
+    import json
+
+    torch.set_default_dtype(torch.float32)
+    bench = load_benchmark("export_speed")
+    assert bench.evaluate_bar([])["status"] == "not evaluated"
+    few = [{"weights_pruned": 0.003, "speedup": 1.0}]
+    assert bench.evaluate_bar(few) == {**bench.evaluate_bar([]), "rows_evaluated": 0}
+    assert not bench.evaluate_bar(few)["met"]
+    rows = few + [{"weights_pruned": 0.95, "speedup": 4.0}]
+    assert bench.evaluate_bar(rows)["status"] == "met" and bench.evaluate_bar(rows)["met"]
+    rows.append({"weights_pruned": 0.92, "speedup": 2.0})
+    assert bench.evaluate_bar(rows)["status"] == "NOT met"
+
+    out = tmp_path / "es.json"
+    argv = ["--models", "mlp", "--max-epochs", "1", "--repeats", "1", "--batch", "8",
+            "--out", str(out)]
+    assert bench.main(argv) == 1  # one epoch prunes far less than 90%: no pass
+    result = json.loads(out.read_text())
+    assert result["bar"]["status"] == "not evaluated" and result["bar_met"] is False
+    assert result["argv"][1:] == argv and result["settings"]["max_epochs"] == 1
+    assert "torch" in result["environment"]
+
+
+def test_estimators_benchmark_quick_default_out(tmp_path, monkeypatch, load_benchmark):
+    import json
+
+    torch.set_default_dtype(torch.float32)
+    bench = load_benchmark("estimators")
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    assert bench.default_out("cpu", False) == tmp_path / "estimators_cpu.json"
+    assert bench.main(["--quick", "--num-samples", "20", "--threads", "1"]) == 0
+    result = json.loads((tmp_path / "estimators_cpu_quick.json").read_text())
+    assert not (tmp_path / "estimators_cpu.json").exists()
+    assert result["argv"][1:] == ["--quick", "--num-samples", "20", "--threads", "1"]
+    assert result["settings"]["quick"] and "torch" in result["environment"]

@@ -168,3 +168,27 @@ def test_shard_sizes_and_order():
 def test_sampler_rejects_batch_smaller_than_world():
     with pytest.raises(ValueError, match="global batch size"):
         ShardedBatchSampler(10, 1, seed=0, rank=0, world_size=2)
+
+
+@pytest.mark.parametrize("n,batch,world", [(23, 7, 3), (20, 5, 1), (9, 4, 2), (5, 8, 4)])
+def test_local_indices_are_the_iterated_batches_in_order(n, batch, world):
+    # (23, 7, 3): the last global batch has 2 examples, so rank 2's last shard is empty
+    for rank in range(world):
+        sampler = ShardedBatchSampler(n, batch, seed=11, rank=rank, world_size=world)
+        for epoch in (1, 2, 3):
+            sampler.set_epoch(epoch)
+            indices, sizes = sampler.local_indices()
+            assert indices.dtype == torch.long and len(sizes) == len(sampler)
+            assert sum(sizes) == indices.numel()
+            assert [p.tolist() for p in indices.split(sizes)] == list(sampler)
+
+
+def test_sampler_takes_the_largest_seed():
+    sampler = ShardedBatchSampler(10, 3, seed=2**63 - 1)  # the largest --seed
+    sampler.set_epoch(5)
+    assert sorted(i for b in sampler for i in b) == list(range(10))
+    # small seeds keep their permutation (the reduction mod 2**64 changes nothing there)
+    small = ShardedBatchSampler(10, 10, seed=4)
+    small.set_epoch(2)
+    g = torch.Generator().manual_seed(4 * 100_003 + 2)
+    assert list(small) == [torch.randperm(10, generator=g).tolist()]

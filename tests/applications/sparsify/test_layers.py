@@ -272,3 +272,24 @@ def test_sample_batchnorm_checks_its_input():
     bn.update_running_stats = False
     with pytest.raises(ValueError, match="2D or 3D"):
         bn(torch.randn(4, 3, 2, 2))
+
+
+@pytest.mark.parametrize(("cls", "ref_cls", "shape"), _BATCHNORMS)
+def test_sample_batchnorm_cumulative_momentum_without_host_reads(cls, ref_cls, shape):
+    """One sample group with ``momentum=None`` (the cumulative average): the same running
+    statistics as nn.BatchNorm, but computed on the device. nn.BatchNorm reads
+    ``num_batches_tracked`` on the host for it (a sync per layer and step on CUDA), which
+    the meta device, having no values, refuses."""
+    torch.manual_seed(0)
+    bn, (ref,) = _batchnorm_pair(cls, ref_cls, None, groups=1)
+    for _ in range(3):
+        x = torch.randn(shape) * 2 + 1
+        assert torch.allclose(bn(x), ref(x), rtol=1e-10, atol=1e-12)
+        assert torch.allclose(bn.running_mean, ref.running_mean, rtol=1e-12, atol=1e-14)
+        assert torch.allclose(bn.running_var, ref.running_var, rtol=1e-12, atol=1e-14)
+        assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked)
+    meta = cls(3, momentum=None).to("meta").train()
+    out = meta(torch.empty(shape, device="meta"))
+    assert out.shape == shape and meta.running_mean.device.type == "meta"
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        ref_cls(3, momentum=None).to("meta").train()(torch.empty(shape, device="meta"))

@@ -138,4 +138,35 @@ def test_train_loop_benchmark_smoke(tmp_path, load_benchmark):
     result = json.loads(out.read_text())
     assert [r["variant"] for r in result["rows"]] == [v["name"] for v in bench.VARIANTS]
     assert result["rows"][0]["speedup_vs_first"] == 1.0
-    assert all(len(r["epoch_times_s"]) == 2 and r["images_per_s"] > 0 for r in result["rows"])
+    assert result["rows"][0]["speedup_vs_first_paired"] == 1.0
+    assert result["rows"][-1]["time_ratio_to_dense_paired"] == 1.0
+    # one warm-up epoch, then 2 rounds of 1 epoch each (the runs resume between rounds)
+    for r in result["rows"]:
+        assert len(r["warmup_epoch_times_s"]) == 1 and len(r["round_s_per_epoch"]) == 2
+        assert len(r["epoch_times_s"]) == 3 and r["images_per_s"] > 0
+    assert result["argv"][1:] == ["--smoke", "--out", str(out)]
+    assert result["settings"]["rounds"] == 2 and "torch" in result["environment"]
+
+
+def test_train_loop_benchmark_rotates_and_defaults_out(tmp_path, monkeypatch, load_benchmark):
+    import argparse
+
+    bench = load_benchmark("train_loop")
+    order = []
+    monkeypatch.setattr(bench, "run_variant",
+                        lambda v, args, data, out, epochs: order.append(v["name"]) or [1.0])
+    variants = [{"name": n} for n in "abc"]
+    args = argparse.Namespace(rounds=3, round_epochs=1, warmup_epochs=1)
+    warmup, rounds = bench.time_variants(variants, args, None, tmp_path)
+    assert order[:3] == ["a", "b", "c"]  # one global warm-up, then rotating rounds
+    assert order[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert warmup == [[1.0]] * 3 and rounds == [[[1.0]] * 3] * 3
+
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    written = []
+    monkeypatch.setattr(bench, "time_variants", lambda *a, **k: written.append(1) or (
+        [[1.0]] * len(bench.VARIANTS), [[[1.0]]] * len(bench.VARIANTS)))
+    assert bench.main(["--smoke"]) == 0
+    assert json.loads((tmp_path / "train_loop_smoke.json").read_text())["settings"]["smoke"]
+    assert bench.main(["--device", "cpu", "--steps", "1", "--batch", "2", "--rounds", "1"]) == 0
+    assert (tmp_path / "train_loop_cpu_batch-2_rounds-1_steps-1.json").exists()

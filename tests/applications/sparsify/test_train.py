@@ -624,3 +624,200 @@ def test_cli_errors_are_one_line_and_keep_the_previous_run(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("binopt: error: "), err
         assert needle in err[0]
         assert (tmp_path / "run" / "summary.json").read_text() == summary
+
+
+# ------------------------------------------------------------------ data on the device
+def _numbered_data(n: int = 23):
+    from torch.utils.data import TensorDataset
+
+    x = torch.arange(n * 3, dtype=torch.float32).reshape(n, 3)  # row i holds 3i .. 3i+2
+    return TensorDataset(x, torch.arange(n) * 7)
+
+
+def _batches(loader, sampler, epoch):
+    sampler.set_epoch(epoch)
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_device_batches_are_the_data_loaders(monkeypatch, world):
+    from applications.sparsify.distributed import DistributedContext
+
+    ds = _numbered_data()
+    for rank in range(world):
+        monkeypatch.setattr(train_mod, "_CTX", DistributedContext(rank=rank, world_size=world))
+        ref_loader, ref_sampler = train_mod._loader(ds, 7, seed=5)
+        assert isinstance(ref_loader, torch.utils.data.DataLoader)  # CPU data: unchanged
+        with monkeypatch.context() as m:
+            m.setattr(train_mod, "_on_accelerator", lambda ds: True)
+            loader, sampler = train_mod._loader(ds, 7, seed=5)
+        assert isinstance(loader, train_mod._DeviceBatches)
+        assert len(loader) == len(ref_loader) == 4
+        for epoch in (1, 2, 3, 4):
+            got, want = _batches(loader, sampler, epoch), _batches(ref_loader, ref_sampler, epoch)
+            assert len(got) == len(want)
+            for (x, y), (x0, y0) in zip(got, want):
+                assert torch.equal(x, x0) and torch.equal(y, y0)
+                assert torch.equal(x[:, 0] / 3 * 7, y.float())  # rows stay paired
+        assert got != []
+
+
+class _RecordingTensor(torch.Tensor):
+    """Records the index types of ``__getitem__`` and ``index_select`` on the data."""
+
+    calls: list[tuple[str, type]] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.__getitem__:
+            cls.calls.append(("getitem", type(args[1])))
+        elif func in (torch.Tensor.index_select, torch.index_select):
+            index = args[2] if len(args) > 2 else kwargs["index"]
+            cls.calls.append(("index_select", type(index)))
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_device_batches_index_with_device_tensor_slices_not_lists(monkeypatch):
+    from torch.utils.data import TensorDataset
+
+    base = _numbered_data(20)
+    ds = TensorDataset(*(t.as_subclass(_RecordingTensor) for t in base.tensors))
+    _RecordingTensor.calls = []
+    loader, sampler = train_mod._loader(ds, 6, seed=1)
+    _batches(loader, sampler, 1)
+    # the recorder sees what a DataLoader does: one list index per step and tensor
+    assert _RecordingTensor.calls == [("getitem", list)] * 8
+    monkeypatch.setattr(train_mod, "_on_accelerator", lambda ds: True)
+    _RecordingTensor.calls = []
+    loader, sampler = train_mod._loader(ds, 6, seed=1)
+    for epoch in (1, 2):
+        _batches(loader, sampler, epoch)
+    assert _RecordingTensor.calls == [("index_select", torch.Tensor)] * 16
+
+
+def test_device_batches_read_no_value_from_the_device():
+    """On the meta device any read of a value (``tolist``, ``item``, a copy to the host)
+    raises, so a full pass shows that no step reads the device."""
+    from torch.utils.data import TensorDataset
+
+    from applications.sparsify.distributed import ShardedBatchSampler
+
+    ds = TensorDataset(torch.empty(23, 1, 4, 4, device="meta"),
+                       torch.empty(23, dtype=torch.long, device="meta"))
+    assert train_mod._on_accelerator(ds)
+    sampler = ShardedBatchSampler(23, 7, seed=0, rank=1, world_size=2)
+    sampler.set_epoch(1)
+    sizes = [(x.shape, y.shape, x.device.type) for x, y in train_mod._DeviceBatches(
+        ds.tensors, sampler)]
+    assert sizes == [((n, 1, 4, 4), (n,), "meta") for n in (3, 3, 3, 1)]
+
+
+def test_training_on_device_batches_gives_the_same_result(tmp_path, monkeypatch):
+    ref = train(tiny(tmp_path, "loader"))
+    monkeypatch.setattr(train_mod, "_on_accelerator", lambda ds: True)
+    got = train(tiny(tmp_path, "device"))
+    a = load_checkpoint(tmp_path / "loader" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "device" / "checkpoint.pt")
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert _strip_times(a["history"]) == _strip_times(b["history"])
+    assert got["test_error"] == ref["test_error"]
+
+
+# ------------------------------------------------------- resume on another device type
+def _fake_other_device(path, *, stored: str | None) -> None:
+    """Give the checkpoint at ``path`` a 16-byte gate generator state, as a CUDA run writes
+    (``stored``: its recorded device type; ``None``: a checkpoint of an earlier version)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    rng = ckpt["rng"]
+    if rng["estimator"] is not None:
+        rng["estimator"] = torch.arange(16, dtype=torch.uint8)
+    if stored is None:
+        rng.pop("device")
+        rng.pop("estimator_device")
+    else:
+        rng["device"] = stored
+        rng["estimator_device"] = stored if rng["estimator"] is not None else None
+    torch.save(ckpt, path)
+
+
+@pytest.mark.parametrize("stored", ["cuda", None])
+def test_resume_on_another_device_type_warns_and_reseeds(tmp_path, capsys, stored):
+    import shutil
+
+    train(tiny(tmp_path, "cuda", baseline="dense", epochs=1))
+    for ckpt in ("checkpoint.pt", "dense/checkpoint.pt"):
+        _fake_other_device(tmp_path / "cuda" / ckpt, stored=stored)
+    shutil.copytree(tmp_path / "cuda", tmp_path / "again")
+    shutil.copytree(tmp_path / "cuda", tmp_path / "finished")
+    capsys.readouterr()
+    runs = [train(tiny(tmp_path, name, baseline="dense", epochs=2, resume=True))
+            for name in ("cuda", "again")]
+    lines = capsys.readouterr().err.splitlines()
+    # once per run, although both phases moved
+    assert len(lines) == 2 and lines[0].startswith("binopt: warning: ")
+    assert "written on cuda" in lines[0] and "continues on cpu" in lines[0]
+    assert "differ from those of an uninterrupted run" in lines[0]
+    assert runs[0]["setting_changes"] == [{"epoch": 2, "device": ["cuda", "cpu"]}]
+    # an earlier version's dense checkpoint has no gate generator to tell its device type:
+    # its (CPU) global state loads, so it resumes as on the same device type
+    dense_moved = [{"epoch": 2, "device": ["cuda", "cpu"]}] if stored else None
+    assert runs[0].get("dense_setting_changes") == dense_moved
+    # deterministic: the same checkpoint resumed twice gives the same run
+    for ckpt in ("checkpoint.pt", "dense/checkpoint.pt"):
+        a = load_checkpoint(tmp_path / "cuda" / ckpt)
+        b = load_checkpoint(tmp_path / "again" / ckpt)
+        for name in a["model"]:
+            assert torch.equal(a["model"][name], b["model"][name]), name
+        assert a["rng"]["device"] == "cpu"
+    # nothing left to train: nothing random happens, no warning
+    train(tiny(tmp_path, "finished", baseline="dense", epochs=1, resume=True))
+    assert capsys.readouterr().err == ""
+
+
+def test_resume_reseeding_follows_the_seed_and_epoch(tmp_path):
+    """The reseeded gate generator is ``_resume_seed(seed, finished epochs)``: resuming with
+    the generator moved to that state by hand gives the same run."""
+    import shutil
+
+    train(tiny(tmp_path, "a", epochs=1))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    _fake_other_device(tmp_path / "a" / "checkpoint.pt", stored="cuda")
+    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    seeds = {s: train_mod._resume_seed(0, 1, s) for s in ("estimator", "torch")}
+    assert len(set(seeds.values())) == 2 and all(0 <= v < 2**64 for v in seeds.values())
+    ckpt["rng"]["estimator"] = torch.Generator().manual_seed(seeds["estimator"]).get_state()
+    ckpt["rng"]["torch"] = torch.Generator().manual_seed(seeds["torch"]).get_state()
+    torch.save(ckpt, tmp_path / "b" / "checkpoint.pt")
+    train(tiny(tmp_path, "a", epochs=2, resume=True))
+    train(tiny(tmp_path, "b", epochs=2, resume=True))
+    a, b = (load_checkpoint(tmp_path / n / "checkpoint.pt") for n in ("a", "b"))
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+
+
+def test_unloadable_random_state_on_the_same_device_type_warns(tmp_path, capsys):
+    train(tiny(tmp_path, epochs=1))
+    _fake_other_device(tmp_path / "run" / "checkpoint.pt", stored="cpu")
+    capsys.readouterr()
+    summary = train(tiny(tmp_path, epochs=2, resume=True))
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "cannot restore the random state" in err[0]
+    assert "setting_changes" not in summary
+
+
+def test_checkpoint_of_an_earlier_version_resumes_exactly(tmp_path):
+    """Without the stored device type a CPU state is recognised by its size and restored."""
+    full = train(tiny(tmp_path, "full"))
+    train(tiny(tmp_path, "split", epochs=1))
+    path = tmp_path / "split" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["rng"]["device"] == ckpt["rng"]["estimator_device"] == "cpu"
+    del ckpt["rng"]["device"], ckpt["rng"]["estimator_device"]
+    torch.save(ckpt, path)
+    resumed = train(tiny(tmp_path, "split", epochs=2, resume=True))
+    assert resumed["test_error"] == full["test_error"] and "setting_changes" not in resumed
+    a, b = (load_checkpoint(tmp_path / n / "checkpoint.pt") for n in ("full", "split"))
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
