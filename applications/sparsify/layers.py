@@ -49,12 +49,18 @@ class L0Gate(nn.Module):
     num_units : int
         Number of gates.
     group_size : int
-        Weights removed with each unit (what the L0 penalty counts).
+        Weights removed with each unit (what the L0 penalty counts). Biases are not
+        counted, as in the L0-ARM reference: a gated-off conv channel also loses its bias,
+        which the penalty (unlike Louizos et al.'s) does not charge for.
     parameterization : str, Parameterization or callable
         ``pi = g(phi)``; default ``ScaledSigmoid(k=7)`` as in L0-ARM. Hard-concrete
         estimators read the logits as ``log a``.
     init_drop_rate : float
-        Initial probability that a gate is off, in ``(0, 1)``.
+        ``d`` in ``(0, 1)``: ``phi`` starts at ``g^-1(1 - d)``. For Bernoulli gates that is
+        the initial probability that a gate is off. Hard-concrete estimators read the
+        resulting logit as ``log a = logit(1 - d)`` (as Louizos et al.'s code does), so
+        their initial ``P(z = 0) = 1 - sigmoid(logit(1 - d) + beta log(-zeta / gamma))``
+        is smaller: 0.17 at ``d = 0.5``, 0.05 at ``d = 0.2``.
     """
 
     def __init__(
