@@ -76,6 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic_files import atomic_write, write_synced
 from .layers import L0Conv2d, L0Layer, L0Linear, SampleBatchNorm1d, SampleBatchNorm2d
 from .models import WideBasicBlock, WideResNet
 from .network import GatedNetwork
@@ -979,14 +980,6 @@ def _to_cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
 _FOLDER_FILES = ("spec.json", "state_dict.pt")
 
 
-def _write_synced(path: Path, write: Any) -> None:
-    # fsync before the rename: otherwise a crash can leave the new name on empty data
-    with open(path, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
 
@@ -1072,9 +1065,9 @@ def save_exported(exported: ExportedModel, folder: str | Path) -> None:
             shutil.rmtree(tmp)
         tmp.mkdir()
         text = (json.dumps(exported.spec, indent=2) + "\n").encode()
-        _write_synced(tmp / "spec.json", lambda fh: fh.write(text))
+        write_synced(tmp / "spec.json", lambda fh: fh.write(text))
         state = _to_cpu_state(exported.module)
-        _write_synced(tmp / "state_dict.pt", lambda fh: torch.save(state, fh))
+        write_synced(tmp / "state_dict.pt", lambda fh: torch.save(state, fh))
         if folder.is_dir():  # the new folder keeps the permissions of the one it replaces
             shutil.copymode(folder, tmp)
         old = _replace_folder(tmp, folder)
@@ -1098,12 +1091,7 @@ def save_exported_file(exported: ExportedModel, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {"spec": exported.spec, "state_dict": _to_cpu_state(exported.module)}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        _write_synced(tmp, lambda fh: torch.save(blob, fh))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda fh: torch.save(blob, fh))
 
 
 def _read_folder(folder: Path) -> tuple[bytes, bytes]:

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -77,6 +78,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import binopt
 from applications.errors import UserError
 
+from ..atomic_files import atomic_write
 from .denormals import flush_denormals
 from .distributed import (
     DistributedContext,
@@ -837,19 +839,6 @@ def _estimator_state(est: binopt.Estimator) -> dict[str, Any]:
     return {k: v for k, v in vars(est).items() if k != "generator"}
 
 
-def _atomic_save(payload: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _remove_files(folder: Path, names: tuple[str, ...]) -> None:
     """Delete ``folder/name`` for each name, then ``folder`` if that left it empty."""
     for name in names:
@@ -1202,7 +1191,7 @@ def _run_phase(
             "versions": _versions(),
         }
         if _CTX.is_main:
-            _atomic_save(payload, ckpt_path)
+            atomic_write(ckpt_path, functools.partial(torch.save, payload))
             with open(metrics_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
         _CTX.barrier()
@@ -1696,6 +1685,5 @@ def _finish(summary, out, history, dense_history, kept, total_units, title) -> d
 def _write_summary(summary: dict[str, Any], out: Path) -> None:
     if not _CTX.is_main:
         return
-    tmp = out / f".{SUMMARY_NAME}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / SUMMARY_NAME)
+    text = json.dumps(summary, indent=2) + "\n"
+    atomic_write(out / SUMMARY_NAME, lambda fh: fh.write(text.encode("utf-8")))

@@ -9,7 +9,7 @@ import os
 import shlex
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import torch
 
 import binopt
 
+from ..atomic_files import atomic_write  # noqa: F401  (re-exported for plotting)
 from ..errors import UserError
 
 
@@ -312,35 +313,6 @@ def to_jsonable(obj: Any, digits: int | None = None) -> Any:
     if isinstance(obj, (list, tuple)):
         return [to_jsonable(v, digits) for v in obj]
     return obj
-
-
-def atomic_write(path: str | Path, write: Callable[[Any], Any]) -> Path:
-    """Write a file through ``write(fh)`` (``fh`` a binary file) without ever truncating it.
-
-    The bytes go to a temporary file in the same folder (creating parent folders), which is
-    flushed to disk and renamed over ``path`` (``os.replace``, atomic within a file system):
-    a crash or Ctrl-C while writing leaves the previous file (or none), never a truncated
-    one, and a reader holding the previous file keeps it whole. The temporary file is
-    removed when ``write`` fails.
-
-    Returns
-    -------
-    Path
-        ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the process id keeps two processes writing the same path off each other's file
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def write_json(path: Path, payload: dict[str, Any], digits: int | None = 7) -> Path:

@@ -366,32 +366,26 @@ def _save_that_dies(obj, f, *args, **kwargs):
     raise KeyboardInterrupt
 
 
-def test_save_exported_killed_midway_leaves_the_previous_export(tmp_path, monkeypatch):
+@pytest.mark.parametrize("target", ["pruned", "model.pt"])  # the folder and the file
+def test_save_exported_killed_midway_leaves_the_previous_export(tmp_path, monkeypatch,
+                                                                 target):
     first, second = _two_exports()
-    folder = tmp_path / "pruned"
-    save_exported(first, folder)
+    path = tmp_path / target
+    save = save_exported if target == "pruned" else save_exported_file
+    save(first, path)
     monkeypatch.setattr(torch, "save", _save_that_dies)
     with pytest.raises(KeyboardInterrupt):
-        save_exported(second, folder)
+        save(second, path)
     monkeypatch.undo()
     # the old spec with the old weights, not the new spec next to the old (or torn) weights
-    assert json.loads((folder / "spec.json").read_text()) == first.spec
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
-        assert max_diff(load_exported(folder)(x), first.module(x)) == 0.0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]  # no temporary left
-
-
-def test_save_exported_file_killed_midway_leaves_the_previous_file(tmp_path, monkeypatch):
-    first, second = _two_exports()
-    path = tmp_path / "model.pt"
-    save_exported_file(first, path)
-    monkeypatch.setattr(torch, "save", _save_that_dies)
-    with pytest.raises(KeyboardInterrupt):
-        save_exported_file(second, path)
-    monkeypatch.undo()
-    assert torch.load(path, weights_only=True)["spec"] == first.spec
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+        assert max_diff(load_exported(path)(x), first.module(x)) == 0.0
+    if target == "pruned":
+        assert json.loads((path / "spec.json").read_text()) == first.spec
+    else:
+        assert torch.load(path, weights_only=True)["spec"] == first.spec
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target]  # no temporary left
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])

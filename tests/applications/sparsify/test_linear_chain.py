@@ -10,6 +10,7 @@ units where the samples differ and units on in all, so that every branch is take
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -65,7 +66,9 @@ def _step(module, x, y, estimator="arm", conditional=True, seed=3, loss_fn=F.cro
     return out, grads
 
 
-def _assert_same_step(module, x, y, *, calls_expected=True, **kwargs):
+@contextlib.contextmanager
+def _counting_fused_calls():
+    """Count the calls of the fused pass (``SlicedLinearChain.losses``) inside the block."""
     calls = {"n": 0}
     original = SlicedLinearChain.losses
 
@@ -75,9 +78,14 @@ def _assert_same_step(module, x, y, *, calls_expected=True, **kwargs):
 
     SlicedLinearChain.losses = counting
     try:
-        fused, g_fused = _step(module, x, y, conditional=True, **kwargs)
+        yield calls
     finally:
         SlicedLinearChain.losses = original
+
+
+def _assert_same_step(module, x, y, *, calls_expected=True, **kwargs):
+    with _counting_fused_calls() as calls:
+        fused, g_fused = _step(module, x, y, conditional=True, **kwargs)
     assert (calls["n"] > 0) == calls_expected
     masked, g_masked = _step(module, x, y, conditional=False, **kwargs)
     torch.testing.assert_close(fused.loss, masked.loss, rtol=RTOL, atol=ATOL)
@@ -310,20 +318,10 @@ def test_cpu_autocast_falls_back_to_the_generic_pass():
     x, y = _data(8, (16,), 4)
     x = x.float()
     net = GatedNetwork(module, "arm", generator=torch.Generator().manual_seed(0))
-    calls = {"n": 0}
-    original = SlicedLinearChain.losses
-
-    def counting(self, *a, **k):
-        calls["n"] += 1
-        return original(self, *a, **k)
-
-    SlicedLinearChain.losses = counting
-    try:
+    with _counting_fused_calls() as calls:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = net.objective(x, y)
         out.loss.backward()
         assert calls["n"] == 0 and torch.isfinite(out.loss)
         net.objective(x, y)
         assert calls["n"] == 1
-    finally:
-        SlicedLinearChain.losses = original
