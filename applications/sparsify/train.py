@@ -882,7 +882,10 @@ def _rng_state(est_gen: torch.Generator | None, device: torch.device) -> dict[st
     """Every random state of the run, and the device types they belong to."""
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        # Only the run's own device: every rank seeds every device alike and draws the same
+        # amounts on its own one, so rank 0's device state (the one saved) is each rank's.
+        # (Saving all devices gave rank r the untouched state of a device rank 0 never used.)
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "estimator": est_gen.get_state() if est_gen is not None else None,
         # the device type of the run (whose global generator drives e.g. dropout) and of
         # the gate samples' generator: random states do not carry over to another type
@@ -946,9 +949,13 @@ def _restore_rng(rng: Mapping[str, Any], est_gen: torch.Generator | None,
               "run continues with its random stream reseeded from the seed and the epoch, so "
               "its results differ from those of an uninterrupted run")
         return None
-    if rng.get("cuda") is not None and torch.cuda.is_available():
+    cuda = rng.get("cuda")
+    if cuda is not None and device.type == "cuda":
         with contextlib.suppress(RuntimeError, IndexError):  # e.g. fewer GPUs now
-            torch.cuda.set_rng_state_all(rng["cuda"])
+            if isinstance(cuda, torch.Tensor):  # this run's device (see _rng_state)
+                torch.cuda.set_rng_state(cuda, device)
+            else:  # older checkpoints stored the state of every device
+                torch.cuda.set_rng_state_all(cuda)
     return None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -821,3 +822,40 @@ def test_checkpoint_of_an_earlier_version_resumes_exactly(tmp_path):
     a, b = (load_checkpoint(tmp_path / n / "checkpoint.pt") for n in ("full", "split"))
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
+
+
+def test_cuda_random_state_is_the_run_devices_own(monkeypatch):
+    """A checkpoint keeps the CUDA state of the run's device and a resumed run puts it on
+    ITS device: under torchrun rank 0 saves and every rank restores, so rank 3 must get rank
+    0's own-device state, not the untouched state rank 0's process has for device 3.
+    (``torch.cuda`` is faked: the logic is what is tested, on machines without a GPU.)"""
+    states = {i: torch.full((16,), i, dtype=torch.uint8) for i in range(4)}
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state",
+                        lambda device="cuda": states[torch.device(device).index].clone())
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all",
+                        lambda: [s.clone() for s in states.values()])
+
+    def set_state(state, device="cuda"):
+        restored[torch.device(device).index] = state.clone()
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all",
+                        lambda all_: restored.update(enumerate(all_)))
+    saved = train_mod._rng_state(None, torch.device("cuda", 0))
+    assert torch.equal(saved["cuda"], states[0])
+    for rank in (0, 3):  # every rank restores the same file on its own device
+        restored.clear()
+        train_mod._restore_rng(saved, None, torch.device("cuda", rank), 0, 1, None, Path("."))
+        assert list(restored) == [rank] and torch.equal(restored[rank], states[0])
+    # a CPU run stores no CUDA state and leaves the GPUs' generators alone
+    assert train_mod._rng_state(None, torch.device("cpu"))["cuda"] is None
+    restored.clear()
+    on_cpu = dict(saved, device="cpu")  # (a CUDA checkpoint would reseed: tested above)
+    train_mod._restore_rng(on_cpu, None, torch.device("cpu"), 0, 1, None, Path("."))
+    assert restored == {}
+    # an older checkpoint (every device's state) still restores as before
+    old = dict(saved, cuda=[s.clone() for s in states.values()])
+    train_mod._restore_rng(old, None, torch.device("cuda", 2), 0, 1, None, Path("."))
+    assert sorted(restored) == [0, 1, 2, 3] and torch.equal(restored[2], states[2])
