@@ -8,12 +8,23 @@ Timing: a warm-up of both, then ``--rounds`` rounds of ``--steps`` steps of each
 of plain and DDP alternating between rounds; ``ddp_over_plain`` is the ratio of the medians
 over rounds, ``ddp_over_plain_paired`` the median over rounds of the ratio within the round.
 
-    python benchmarks/ddp_wrn.py --bf16       # GPU: writes benchmarks/results/ddp_wrn_gpu.json
+    python benchmarks/ddp_wrn.py              # GPU: writes benchmarks/results/ddp_wrn_gpu.json
+    python benchmarks/ddp_wrn.py --bf16       # the same (the command in docs/distributed.md)
     python benchmarks/ddp_wrn.py --smoke      # CPU check: writes .../ddp_wrn_smoke.json
 
+bfloat16 autocast is the default on CUDA (``--no-bf16``: float32), as in
+``benchmarks/gpu_wrn.py`` and ``benchmarks/train_loop.py``: the GPU result is meant to be
+recorded with it (``--bf16`` in docs/distributed.md), so that command is a run with the
+default settings and keeps the committed name ``ddp_wrn_gpu.json``, and a float32 run can
+never overwrite it. On the CPU there is no autocast and the flag changes nothing, so it is
+not part of the CPU names.
+
 Without ``--out`` the JSON goes to ``benchmarks/results/`` of this repository (whatever the
-working directory): ``ddp_wrn_gpu.json`` on CUDA, ``ddp_wrn_cpu.json`` on the CPU,
-``ddp_wrn_smoke.json`` with ``--smoke``.
+working directory): ``ddp_wrn_gpu.json`` on CUDA, ``ddp_wrn_cpu.json`` on the CPU with the
+default settings, ``ddp_wrn_smoke.json`` with ``--smoke``; a run with other settings writes
+``ddp_wrn_<gpu|cpu>_<settings>.json`` naming the settings that differ from the defaults
+(e.g. ``ddp_wrn_cpu_steps-3.json``, ``ddp_wrn_gpu_bf16-False.json``), never the committed
+result.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ from applications.sparsify.distributed import DistributedContext, wrap_ddp  # no
 from applications.sparsify.models import WideResNet  # noqa: E402
 from applications.sparsify.network import GatedNetwork  # noqa: E402
 from applications.toys._common import environment  # noqa: E402
+from benchmarks._output import settings_path  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -47,14 +59,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def default_out(smoke: bool, device: torch.device) -> Path:
-    """Where the JSON goes without ``--out`` (relative to the repository, not the cwd)."""
-    if smoke:
+def default_out(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                device: torch.device) -> Path:
+    """Where the JSON goes without ``--out`` (relative to the repository, not the cwd):
+    ``RESULTS/ddp_wrn_smoke.json`` for ``--smoke``; ``ddp_wrn_gpu.json`` (CUDA) or
+    ``ddp_wrn_cpu.json`` with the default settings; otherwise a name that spells out the
+    settings that differ (:func:`benchmarks._output.settings_path`). ``--bf16`` counts on
+    CUDA only (see the module docstring)."""
+    if args.smoke:
         return RESULTS / "ddp_wrn_smoke.json"
-    return RESULTS / ("ddp_wrn_gpu.json" if device.type == "cuda" else "ddp_wrn_cpu.json")
+    cuda = device.type == "cuda"
+    return settings_path("ddp_wrn_gpu" if cuda else "ddp_wrn_cpu", args, parser,
+                         ignore=() if cuda else ("bf16",), results=RESULTS)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--depth", type=int, default=28)
     p.add_argument("--width", type=int, default=10)
@@ -63,17 +82,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--estimator", default="arm")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="bfloat16 autocast on CUDA (the default; --no-bf16: float32; "
+                   "no effect on the CPU)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU configuration")
     p.add_argument("--out", default=None,
                    help="JSON output (default: benchmarks/results/ddp_wrn_gpu.json on CUDA, "
-                   "ddp_wrn_cpu.json on the CPU, ddp_wrn_smoke.json with --smoke)")
+                   "ddp_wrn_cpu.json on the CPU with the default settings, else a name "
+                   "spelling out the settings that differ; ddp_wrn_smoke.json with --smoke)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.smoke:
         args.depth, args.width, args.batch_size = 10, 1, 8
         args.steps, args.rounds, args.warmup = 2, 2, 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out_path = Path(args.out) if args.out else default_out(args.smoke, device)
+    out_path = Path(args.out) if args.out else default_out(args, p, device)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
     backend = "nccl" if device.type == "cuda" else "gloo"

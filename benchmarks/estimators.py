@@ -52,6 +52,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 import binopt  # noqa: E402
 from applications.toys._common import environment  # noqa: E402
+from benchmarks._output import settings_path  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -210,37 +211,54 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def default_out(device: str, quick: bool) -> Path:
-    """``RESULTS/estimators_<device>.json``; ``estimators_<device>_quick.json`` for
-    ``--quick`` (a smoke run never overwrites the committed full result)."""
-    return RESULTS / f"estimators_{device}{'_quick' if quick else ''}.json"
+def default_out(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
+    """``RESULTS/estimators_<device>_quick.json`` for ``--quick`` (a smoke run, ignored by
+    git); ``estimators_<device>.json`` when every other setting is the default; otherwise a
+    name spelling out the settings that differ (e.g. ``estimators_cpu_threads-2.json``), so
+    that no run with other settings overwrites the committed result unless ``--out`` says
+    so. ``--strict`` changes nothing measured and is left out of the name."""
+    stem = f"estimators_{torch.device(args.device).type}"
+    if args.quick:
+        return RESULTS / f"{stem}_quick.json"
+    return settings_path(stem, args, parser, ignore={"device", "strict"}, results=RESULTS)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--out",
         type=Path,
         default=None,
-        help="JSON output (default: benchmarks/results/estimators_<device>.json, "
-        "estimators_<device>_quick.json with --quick)",
+        help="JSON output (default: benchmarks/results/estimators_<device>.json with the "
+        "default settings, estimators_<device>_quick.json with --quick, else a name "
+        "spelling out the settings that differ)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="D in {10, 1000}, single repeats (a smoke run)"
     )
     parser.add_argument("--device", default="cpu", help="torch device of the logits (cpu)")
     parser.add_argument("--num-samples", type=int, default=1000, help="N estimates (1000)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1: the committed CPU result's setting, "
+                        "which times the implementations rather than the idle cores; 0: "
+                        "torch's default)")
     parser.add_argument(
         "--strict", action="store_true", help=f"exit 1 if the {REQUIRED_RATIO:.0f}x bar is missed"
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
-    if args.threads is not None:
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dims = [10, 1000] if args.quick else [10, 1000, 100_000]
-    out = args.out or default_out(args.device, args.quick)
+    out = args.out or default_out(args, parser)
 
     rows = []
     t_start = time.perf_counter()

@@ -13,10 +13,14 @@ Usage::
     python benchmarks/export_speed.py                     # train, time, write JSON
     python benchmarks/export_speed.py --run runs/mlp --run runs/lenet
 
-Prints a table and writes ``benchmarks/results/export_speed.json`` (with the command line,
-the settings and the environment). The bar (exported >= 3x faster than gated) is evaluated
-on the rows with at least 90% of the weights pruned; when no row prunes that much it is
-reported as "not evaluated" (``"bar_met": false``, exit status 1).
+Prints a table and writes ``benchmarks/results/export_speed.json`` when every setting is
+the default; a run with other settings writes ``export_speed_<settings>.json`` naming the
+settings that differ (e.g. ``export_speed_max_epochs-1_models-mlp.json``;
+``--save-runs`` does not count), never the committed result, unless ``--out`` names the
+file. The JSON records the command line, the settings and the environment. The bar
+(exported >= 3x faster than gated) is evaluated on the rows with at least 90% of the
+weights pruned; when no row prunes that much it is reported as "not evaluated"
+(``"bar_met": false``, exit status 1).
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ from applications.sparsify.flops import count_flops, count_params  # noqa: E402
 from applications.sparsify.models import build_model  # noqa: E402
 from applications.sparsify.network import GatedNetwork  # noqa: E402
 from applications.toys._common import environment  # noqa: E402
+from benchmarks._output import settings_path  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
 
 #: The bar: the exported model at least BAR_SPEEDUP times faster than the gated one, on
 #: every row with at least BAR_PRUNED of the weights pruned.
@@ -163,7 +170,19 @@ def time_pair(gated: torch.nn.Module, exported: torch.nn.Module, x: torch.Tensor
     return tg, te
 
 
-def main(argv: list[str] | None = None) -> int:
+#: Options that do not change the timings (left out of default output names).
+_NOT_SETTINGS = frozenset({"out", "save_runs"})
+
+
+def default_out(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
+    """``RESULTS/export_speed.json`` when every setting is the default; otherwise
+    ``export_speed_<settings>.json`` naming the settings that differ
+    (:func:`benchmarks._output.settings_path`), so that a run with other settings never
+    overwrites the committed result unless ``--out`` names it."""
+    return settings_path("export_speed", args, parser, ignore=_NOT_SETTINGS, results=RESULTS)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", action="append", default=[], metavar="DIR",
                    help="use a `binopt sparsify` run folder instead of training (repeatable)")
@@ -178,8 +197,17 @@ def main(argv: list[str] | None = None) -> int:
                    "threads than idle cores time the contention, not the model)")
     p.add_argument("--save-runs", default=None, metavar="DIR",
                    help="also save the trained networks as run folders DIR/<model>")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "export_speed.json"))
+    p.add_argument("--out", default=None,
+                   help="JSON output (default: benchmarks/results/export_speed.json with the "
+                   "default settings, else a name spelling out the settings that differ; "
+                   "see default_out)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
+    out = Path(args.out) if args.out else default_out(args, p)
 
     nets: list[tuple[str, GatedNetwork, tuple[int, ...], dict[str, Any]]] = []
     if args.run:
@@ -258,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         "description": "CPU inference time, gated (eval) vs exported model, batch "
         f"{args.batch}, median of {args.repeats} interleaved repeats",
         "argv": list(sys.argv) if argv is None else [f"benchmarks/{Path(__file__).name}", *argv],
-        "settings": vars(args),
+        "settings": {**vars(args), "out": str(out)},
         "bar": bar,
         # True only when the bar was evaluated on at least one row and every such row met it
         "bar_met": bar["met"],
@@ -269,7 +297,6 @@ def main(argv: list[str] | None = None) -> int:
             "processor": platform.processor(),
         },
     }
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -47,7 +47,6 @@ import contextlib
 import copy
 import json
 import platform
-import re
 import statistics
 import sys
 import time
@@ -66,6 +65,7 @@ if str(ROOT) not in sys.path:
 from applications.sparsify.models import WideResNet  # noqa: E402
 from applications.sparsify.network import GatedNetwork  # noqa: E402
 from applications.toys._common import environment  # noqa: E402
+from benchmarks._output import settings_path  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -484,23 +484,16 @@ def default_out(args: argparse.Namespace, parser: argparse.ArgumentParser,
                 device_type: str) -> Path:
     """``RESULTS/gpu_wrn_smoke.json`` for ``--smoke``; ``gpu_wrn.json`` for a CUDA run with
     the default settings (``gpu_wrn_cpu.json`` on the CPU); otherwise a name that spells
-    out the settings that differ from the defaults, so that a run with other settings never
-    overwrites the committed result unless ``--out`` names it."""
+    out the settings that differ from the defaults (:func:`benchmarks._output.settings_path`;
+    ``--only`` without the ``dense`` that is always timed), so that a run with other
+    settings never overwrites the committed result unless ``--out`` names it."""
     if args.smoke:
         return RESULTS / "gpu_wrn_smoke.json"
     stem = "gpu_wrn" if device_type == "cuda" else f"gpu_wrn_{device_type}"
-    defaults = vars(parser.parse_args([]))
-    changed = []
-    for key, value in sorted(vars(args).items()):
-        if key in _NOT_SETTINGS or key not in defaults or value == defaults[key]:
-            continue
-        if key == "only":
-            value = "+".join(v for v in value if v != "dense")
-        changed.append(f"{key}-{value}")
-    if not changed:
-        return RESULTS / f"{stem}.json"
-    slug = re.sub(r"[^A-Za-z0-9.+-]+", "_", "_".join(changed)).strip("_")[:80]
-    return RESULTS / f"{stem}_{slug}.json"
+    values = vars(args)
+    if args.only is not None:
+        values = {**values, "only": [v for v in args.only if v != "dense"]}
+    return settings_path(stem, values, parser, ignore=_NOT_SETTINGS, results=RESULTS)
 
 
 if __name__ == "__main__":

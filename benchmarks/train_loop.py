@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -58,6 +57,7 @@ from applications.sparsify.data import random_cifar_like  # noqa: E402
 from applications.sparsify.step_log import host_read_interval  # noqa: E402
 from applications.sparsify.train import TrainConfig, train, train_dense  # noqa: E402
 from applications.toys._common import environment  # noqa: E402
+from benchmarks._output import settings_path  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -166,23 +166,19 @@ def default_out(args: argparse.Namespace, parser: argparse.ArgumentParser,
                 device: torch.device) -> Path:
     """``RESULTS/train_loop_smoke.json`` for ``--smoke``; ``train_loop_gpu.json`` (CUDA) or
     ``train_loop_cpu.json`` with the default settings; otherwise a name that spells out
-    the settings that differ from the defaults (a committed result is never overwritten by
-    a run with other settings unless ``--out`` names it)."""
+    the settings that differ from the defaults (:func:`benchmarks._output.settings_path`:
+    a committed result is never overwritten by a run with other settings unless ``--out``
+    names it). ``--no-amp`` counts on CUDA only: elsewhere there is no autocast to turn
+    off."""
     if args.smoke:
         return RESULTS / "train_loop_smoke.json"
     stem = "train_loop_" + ("gpu" if device.type == "cuda" else device.type)
-    defaults = vars(parser.parse_args([]))
-    changed = [f"{k}-{v}" for k, v in sorted(vars(args).items())
-               if k not in _NOT_SETTINGS and k in defaults and v != defaults[k]]
-    return RESULTS / (f"{stem}_{_slug('_'.join(changed))}.json" if changed else f"{stem}.json")
+    ignore = _NOT_SETTINGS | ({"amp"} if device.type != "cuda" else set())
+    return settings_path(stem, args, parser, ignore=ignore, results=RESULTS)
 
 
 #: Options that do not change what is measured (left out of default output names).
-_NOT_SETTINGS = frozenset({"out", "device", "amp"})
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")[:80]
+_NOT_SETTINGS = frozenset({"out", "device"})
 
 
 def main(argv: list[str] | None = None) -> int:

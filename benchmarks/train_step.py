@@ -49,7 +49,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -69,6 +68,7 @@ from applications.sparsify.denormals import flush_denormals  # noqa: E402
 from applications.sparsify.models import lenet5_caffe, mlp  # noqa: E402
 from applications.sparsify.network import GatedNetwork  # noqa: E402
 from applications.toys._common import environment  # noqa: E402
+from benchmarks._output import settings_path  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -409,20 +409,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def default_out(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     """``RESULTS/train_step_cpu.json`` when every setting is the default; otherwise
     ``train_step_cpu_<settings>.json`` naming the settings that differ (e.g.
-    ``train_step_cpu_models-mlp_threads-2.json``), so that a run with other settings never
-    overwrites the committed result unless ``--out`` names it."""
-    defaults = vars(parser.parse_args([]))
-    changed = []
-    for key, value in sorted(vars(args).items()):
-        if key == "out" or key not in defaults or value == defaults[key]:
-            continue
-        if isinstance(value, (list, tuple)):
-            value = "+".join(map(str, value))
-        changed.append(key if value is True else f"{key}-{value}")
-    if not changed:
-        return RESULTS / "train_step_cpu.json"
-    slug = re.sub(r"[^A-Za-z0-9.+-]+", "_", "_".join(changed)).strip("_")[:80]
-    return RESULTS / f"train_step_cpu_{slug}.json"
+    ``train_step_cpu_models-mlp_threads-2.json``; :func:`benchmarks._output.settings_path`),
+    so that a run with other settings never overwrites the committed result unless
+    ``--out`` names it."""
+    return settings_path("train_step_cpu", args, parser, results=RESULTS)
 
 
 if __name__ == "__main__":

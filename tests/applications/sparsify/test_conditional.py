@@ -376,8 +376,101 @@ def test_ddp_benchmark_smoke_default_out(tmp_path, monkeypatch, load_benchmark):
     assert result["argv"][1:] == ["--smoke"] and result["settings"]["rounds"] == 2
     assert result["round_orders"] == [["plain", "ddp"], ["ddp", "plain"]]
     assert result["ddp_over_plain_paired"] > 0 and "torch" in result["environment"]
-    assert bench.default_out(False, torch.device("cuda")).name == "ddp_wrn_gpu.json"
-    assert bench.default_out(False, torch.device("cuda")).parent == bench.RESULTS
+    parser = bench.build_parser()
+    cuda = torch.device("cuda")
+    assert bench.default_out(parser.parse_args([]), parser, cuda).name == "ddp_wrn_gpu.json"
+    assert bench.default_out(parser.parse_args([]), parser, cuda).parent == bench.RESULTS
+
+
+def test_ddp_benchmark_default_out_names_the_settings(load_benchmark):
+    bench = load_benchmark("ddp_wrn")
+    parser = bench.build_parser()
+
+    def default(device, *argv):
+        return bench.default_out(parser.parse_args(list(argv)), parser, torch.device(device))
+
+    assert default("cpu") == bench.RESULTS / "ddp_wrn_cpu.json"
+    assert default("cpu", "--steps", "3") == bench.RESULTS / "ddp_wrn_cpu_steps-3.json"
+    assert default("cuda", "--steps", "3", "--batch-size", "64").name == (
+        "ddp_wrn_gpu_batch_size-64_steps-3.json")
+    assert default("cuda", "--estimator", "hard_concrete").name == (
+        "ddp_wrn_gpu_estimator-hard_concrete.json")
+    # the documented command of the committed GPU result (docs/distributed.md) keeps its
+    # name: bf16 autocast is the default; a float32 run must not overwrite it
+    assert default("cuda", "--bf16").name == "ddp_wrn_gpu.json"
+    assert default("cuda", "--no-bf16").name == "ddp_wrn_gpu_bf16-False.json"
+    assert default("cpu", "--no-bf16").name == "ddp_wrn_cpu.json"  # no autocast on the CPU
+    assert default("cpu", "--smoke", "--steps", "3").name == "ddp_wrn_smoke.json"
+
+
+def test_export_speed_benchmark_default_out(load_benchmark):
+    bench = load_benchmark("export_speed")
+    parser = bench.build_parser()
+
+    def default(*argv):
+        return bench.default_out(parser.parse_args(list(argv)), parser)
+
+    committed = bench.RESULTS / "export_speed.json"
+    assert default() == committed
+    assert default("--save-runs", "runs/x") == committed  # saving does not change timings
+    assert default("--max-epochs", "1", "--models", "mlp") == (
+        bench.RESULTS / "export_speed_max_epochs-1_models-mlp.json")
+    for argv in (["--target", "0.5"], ["--seed", "1"], ["--batch", "8"], ["--repeats", "1"],
+                 ["--threads", "1,2"], ["--run", "runs/mlp"]):
+        assert default(*argv) != committed and default(*argv).parent == bench.RESULTS
+    assert default("--threads", "1,2").name == "export_speed_threads-1_2.json"
+    assert default("--run", "runs/mlp", "--run", "runs/lenet").name == (
+        "export_speed_run-runs_mlp+runs_lenet.json")
+
+
+def test_export_speed_benchmark_writes_settings_name(tmp_path, monkeypatch, load_benchmark):
+    import json
+
+    bench = load_benchmark("export_speed")
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "train_pruned", lambda *a, **k: 1 / 0)  # must not train
+    # "--models ,": no model to train, so main() writes its (empty) result straight away
+    assert bench.main(["--models", ",", "--repeats", "1"]) == 1
+    written = tmp_path / "export_speed_models-_repeats-1.json"
+    assert [f.name for f in tmp_path.iterdir()] == [written.name]
+    assert json.loads(written.read_text())["settings"]["out"] == str(written)
+
+
+def test_benchmark_output_slug_rules(load_benchmark):
+    import argparse
+    from pathlib import Path
+
+    load_benchmark("train_step")  # puts the repository root on sys.path, as the scripts do
+    from benchmarks._output import RESULTS, settings_path, settings_slug
+
+    assert settings_slug({}) == ""
+    # sorted by key; lists joined by "+"; True as the bare key; False spelled out
+    assert settings_slug({"z": 1, "models": ["mlp", "lenet5"], "fast": True, "cl": False}) == (
+        "cl-False_fast_models-mlp+lenet5_z-1")
+    # characters outside [A-Za-z0-9.+-] become "_" (runs of them one "_", none at the ends)
+    assert settings_slug({"only": ["L0-ARM init"], "run": ["/a b/"]}) == (
+        "only-L0-ARM_init_run-_a_b")
+    assert settings_slug({"lr": 0.5, "name": "a,b"}) == "lr-0.5_name-a_b"
+    assert len(settings_slug({"k": "x" * 200})) == 80
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=3)
+    parser.add_argument("--flag", action="store_true")
+    parser.add_argument("--noise", default="a")
+    parser.add_argument("--out", default=None)
+
+    def path(*argv, **kw):
+        return settings_path("stem", parser.parse_args(list(argv)), parser, **kw)
+
+    assert path() == RESULTS / "stem.json" and RESULTS.name == "results"
+    assert path("--n", "3", "--out", "x.json") == RESULTS / "stem.json"  # default value, out
+    assert path("--flag", "--n", "4").name == "stem_flag_n-4.json"
+    assert path("--noise", "b", ignore={"noise"}).name == "stem.json"
+    assert path("--n", "5", defaults={"n": 5}).name == "stem.json"
+    assert path(defaults={"n": 5}).name == "stem_n-3.json"
+    assert path("--n", "4", results="/tmp/r") == Path("/tmp/r/stem_n-4.json")
+    # a mapping works as well as a namespace; keys the parser does not define are left out
+    assert settings_path("s", {"n": 4, "extra": 1}, parser).name == "s_n-4.json"
 
 
 def test_sparsify_benchmark_reuse_across_revisions(tmp_path, monkeypatch, load_benchmark):
@@ -449,7 +542,17 @@ def test_estimators_benchmark_quick_default_out(tmp_path, monkeypatch, load_benc
     torch.set_default_dtype(torch.float32)
     bench = load_benchmark("estimators")
     monkeypatch.setattr(bench, "RESULTS", tmp_path)
-    assert bench.default_out("cpu", False) == tmp_path / "estimators_cpu.json"
+    parser = bench.build_parser()
+
+    def out(*argv):
+        return bench.default_out(parser.parse_args(list(argv)), parser)
+
+    assert out() == out("--strict") == tmp_path / "estimators_cpu.json"
+    assert out("--threads", "1") == tmp_path / "estimators_cpu.json"  # the default
+    assert out("--threads", "2") == tmp_path / "estimators_cpu_threads-2.json"
+    assert out("--device", "cuda:1", "--num-samples", "10").name == (
+        "estimators_cuda_num_samples-10.json")
+    assert out("--quick", "--threads", "2").name == "estimators_cpu_quick.json"
     assert bench.main(["--quick", "--num-samples", "20", "--threads", "1"]) == 0
     result = json.loads((tmp_path / "estimators_cpu_quick.json").read_text())
     assert not (tmp_path / "estimators_cpu.json").exists()
