@@ -1,7 +1,7 @@
 # The two commands the README names:
 #   make run   - set up .venv and run the main job (a small L0-ARM pruning run on embedded data)
 #   make test  - set up .venv and run the whole test suite
-.PHONY: setup run test lint bench
+.PHONY: setup run test lint
 setup:
 	bash scripts/setup.sh
 

@@ -75,3 +75,44 @@ def test_every_page_is_listed():
     assert mine <= set(PAGES), sorted(mine - set(PAGES))
     for family in ["score_function", "arm", "relaxed", "exact"]:
         assert f"estimators/{family}.md" in pages
+
+
+README = DOCS.parent / "README.md"
+
+
+def test_readme_code_runs(isolated_state, capsys):
+    blocks = BLOCK.findall(README.read_text())
+    assert blocks, "README should show runnable code"
+    namespace: dict = {"__name__": "docs_readme"}
+    for k, code in enumerate(blocks):
+        exec(compile(code, f"{README}:block{k}", "exec"), namespace)
+
+
+def test_readme_paths_exist():
+    """Every `path/...` the README names exists (layout-table entries in a package's row
+    may be relative to that package: `estimators/` in `binopt/`)."""
+    root = DOCS.parent
+    text = README.read_text()
+    named = set(re.findall(r"\[[^\]]*\]\(([^)#\s]+)\)", text))  # markdown links
+    named |= {p for p in re.findall(r"`([^`\s]+)`", text) if "/" in p or p.endswith(".toml")}
+    named -= {".venv/"}  # made by the README's commands
+    missing = [
+        p
+        for p in sorted(named)
+        if not (root / p).exists()
+        and not any((root / base / p).exists() for base in ("binopt", "benchmarks"))
+    ]
+    assert not missing, missing
+
+
+def test_readme_summary_matches_tutorial():
+    """The main job's final summary is quoted in the README and the tutorial: same lines."""
+
+    def summary(path: Path) -> str:
+        match = re.search(
+            r"^ {4}L0-ARM mlp on mnist5k.*?outputs +runs/quickstart$", path.read_text(), re.S | re.M
+        )
+        assert match is not None, path
+        return match.group(0)
+
+    assert summary(README) == summary(DOCS / "sparsify" / "tutorial.md")
