@@ -8,9 +8,11 @@ only affects its own subcommand.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import os
 import sys
+from typing import Any
 
 from .errors import UserError
 
@@ -24,8 +26,39 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` that states every option's default, once.
+
+    Like :class:`argparse.ArgumentDefaultsHelpFormatter`, but the default is also shown for
+    options without a help text (``--epochs``), and left out where it says nothing
+    (``None``, the ``False`` of a flag) or where the help text already states it in words
+    (``"default: the model's"``), instead of printing ``(default: None)`` after it.
+    """
+
+    def _format_action(self, action: argparse.Action) -> str:
+        default = _default_text(action)
+        if default is not None:
+            action = copy.copy(action)
+            action.help = f"{action.help or ''} (default: {default})".lstrip()
+        return super()._format_action(action)
+
+
+def _default_text(action: argparse.Action) -> str | None:
+    """The default of ``action`` as ``--help`` shows it, or ``None`` to show none."""
+    value: Any = action.default
+    help_text = str(action.help or "")
+    if (not action.option_strings or value is None or value is argparse.SUPPRESS
+            or help_text == argparse.SUPPRESS or "default" in help_text.lower()
+            or (action.nargs == 0 and value is False)):
+        return None
+    if isinstance(value, (list, tuple)):  # nargs="+": as it is typed
+        value = " ".join(str(v) for v in value)
+    return str(value).replace("%", "%%")  # help texts are %-formatted
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="binopt", description="Stochastic binary optimization.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         if only is not None and name != only:
@@ -39,6 +72,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             raise
         mod.register(sub, name, help_text)
     return parser
+
+
+def _version() -> str:
+    """The installed version of binopt (``unknown`` when run from a bare checkout)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("binopt")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _stdout_closed() -> bool:

@@ -11,15 +11,23 @@ Every flag mirrors a field of :class:`~applications.sparsify.train.TrainConfig`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from pathlib import Path
 
-from applications.errors import UserError
+from applications.cli import HelpFormatter
+from applications.errors import UserError, with_option_names
 
-from .train import TrainConfig, TrainingDivergedError, train
+from .train import CHECKPOINT_NAME, TrainConfig, TrainingDivergedError, train
 
 _DEFAULT_LR = {"adam": 1e-3, "sgd": 0.1}
+# TrainConfig fields whose option is not --FIELD-NAME (error messages name the option)
+_OPTION_OF_FIELD = {"num_threads": "--threads"}
+# what a JSON option looks like, for its error message
+_JSON_EXAMPLES = {"--model-options": '{"hidden": [100, 50]}',
+                  "--estimator-options": '{"beta": 0.5}'}
 
 
 def parse_lam(text: str) -> float | dict[str, float]:
@@ -38,6 +46,8 @@ def parse_lam(text: str) -> float | dict[str, float]:
         name, sep, value = part.partition("=")
         if not sep or not name.strip():
             raise UserError(f"--lam pair {part!r} is not name=value")
+        if name.strip() in out:
+            raise UserError(f"--lam names layer {name.strip()!r} twice; got {text!r}")
         try:
             out[name.strip()] = float(value)
         except ValueError:
@@ -52,7 +62,8 @@ def _json_dict(flag: str, text: str | None) -> dict:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(
-            f"{flag} must be a JSON object like '{{\"hidden\": [100, 50]}}': {exc}"
+            f"{flag} must be a JSON object like '{_JSON_EXAMPLES.get(flag, '{}')}'; got {text!r} "
+            f"({exc})"
         ) from None
     if not isinstance(value, dict):
         raise UserError(f"{flag} must be a JSON object; got {text!r}")
@@ -69,7 +80,7 @@ def register(subparsers, name: str = "sparsify", help_text: str = "") -> argpars
         "the pruned architecture, the weights and FLOPs kept and the test error. Writes "
         "OUT/metrics.jsonl, OUT/checkpoint.pt (every epoch), OUT/summary.json and "
         "OUT/summary.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", default=d.model, help="mlp, lenet5 or wrn")
     p.add_argument("--dataset", default=d.dataset,
@@ -78,7 +89,7 @@ def register(subparsers, name: str = "sparsify", help_text: str = "") -> argpars
     p.add_argument("--estimator", default=d.estimator,
                    help="arm (L0-ARM), hard_concrete (L0-HC), disarm, straight_through, ...")
     p.add_argument("--estimator-options", default=None, metavar="JSON",
-                   help='extra estimator arguments, e.g. \'{"temperature": 0.5}\'')
+                   help='extra estimator arguments, e.g. \'{"beta": 0.5}\' for hard_concrete')
     p.add_argument("--lam", default=str(d.lam), metavar="LAM",
                    help="L0 strength: one number, or per gated layer name=value pairs "
                    "(e.g. 1=0.1,3=0.05)")
@@ -88,8 +99,9 @@ def register(subparsers, name: str = "sparsify", help_text: str = "") -> argpars
     p.add_argument("--k", type=float, default=d.k, help="slope of the scaled/hard sigmoid")
     p.add_argument("--init-drop-rate", type=float, default=None,
                    help="initial gate drop probability (default: the model's)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="examples per optimizer step")
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate (default 1e-3 for adam, 0.1 for sgd)")
     p.add_argument("--gate-lr", type=float, default=None,
@@ -97,14 +109,17 @@ def register(subparsers, name: str = "sparsify", help_text: str = "") -> argpars
     p.add_argument("--optimizer", default=None,
                    help="adam or sgd (Nesterov, momentum 0.9); default adam, sgd for wrn")
     p.add_argument("--lr-schedule", default=d.lr_schedule, help="constant, cosine or step")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="L2 on the weights (never on the gate parameters)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the weights, the batch order and the gate samples")
     p.add_argument("--data-seed", type=int, default=d.data_seed,
                    help="seed of the train/test/validation splits")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (1 is often fastest for small models)")
+                   help="torch CPU threads (default: torch's; 1 is often fastest for small "
+                   "models)")
     p.add_argument("--out", default=d.out, help="output folder")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt (same settings; --lr, --gate-lr and "
@@ -114,7 +129,7 @@ def register(subparsers, name: str = "sparsify", help_text: str = "") -> argpars
     p.add_argument("--validation-fraction", type=float, default=d.validation_fraction,
                    help="carve a seeded validation set out of the training set")
     p.add_argument("--limit", type=int, default=None,
-                   help="use at most this many training and test examples")
+                   help="use at most this many training and test examples (default: all)")
     p.add_argument("--model-options", default=None, metavar="JSON",
                    help='extra model arguments, e.g. \'{"hidden": [100, 50]}\'')
     p.add_argument("--distributed", action="store_true",
@@ -167,22 +182,42 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         model_options=_json_dict("--model-options", args.model_options),
         progress=not args.no_progress,
     )
-    config.validate()
+    try:
+        config.validate()
+    except UserError as exc:  # ConfigError: name the option, not the TrainConfig field
+        options = {name: "--" + name.replace("_", "-") for name in vars(args)}
+        raise with_option_names(exc, {**options, **_OPTION_OF_FIELD}) from None
     return config
 
 
+def _rank_zero() -> bool:
+    """Whether this is the process that prints (rank 0 under ``torchrun``, or alone)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run ``binopt sparsify``; returns the exit code."""
+    """Run ``binopt sparsify``; returns the exit code (130 after Ctrl-C)."""
     from .results import format_summary
 
     config = config_from_args(args)
+    # with --json, stdout carries only the JSON (`binopt sparsify --json | jq`): the
+    # per-epoch lines go to stderr instead
+    progress_to = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     try:
-        summary = train(config)
+        with progress_to:
+            summary = train(config)
     except TrainingDivergedError as exc:
         print(f"binopt: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        checkpoint = Path(config.out) / CHECKPOINT_NAME
+        if not _rank_zero() or not checkpoint.is_file():
+            raise  # "binopt: interrupted" (once per rank; nothing to continue from)
+        print(f"binopt: interrupted; {checkpoint} keeps the last finished epoch: run the same "
+              "command with --resume to continue", file=sys.stderr)
+        return 130
     # under torchrun every rank returns the summary; one copy on the terminal is enough
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not _rank_zero():
         return 0
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -312,14 +312,15 @@ def _root_problem(root: Path) -> str:
 
 def _mnist_missing_message(root: Path | None, missing: Sequence[str]) -> str:
     if root is None:
-        where = "no data_root was given"
+        where = "no data folder was given"
     else:
         where = "looked in " + " and ".join(str(d) for d in _mnist_search_dirs(root))
         where += _root_problem(root)
     files = ", ".join(f"{s} (or {s}.gz)" for s in missing)
     return (
         f"MNIST files not found: {files}; {where}. "
-        "Pass data_root=<folder> where <folder>/MNIST/raw/ (or <folder> itself) holds "
+        "Pass the folder (--data-root on the command line, data_root= in Python) whose "
+        "MNIST/raw/ subfolder (or the folder itself) holds "
         "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
         "t10k-labels-idx1-ubyte (plain or .gz). To get them, download MNIST with "
         "torchvision.datasets.MNIST(root, download=True) on a machine with internet "
@@ -393,12 +394,13 @@ def _cifar_missing_message(name: str, root: Path | None, missing: Sequence[str])
     layout = _CIFAR_LAYOUT[name]
     expected = ", ".join(f"{layout.folder}/{f}" for f in layout.files)
     if root is None:
-        where = "no data_root was given"
+        where = "no data folder was given"
     else:
         where = f"looked in {root / layout.folder}" + _root_problem(root)
     return (
         f"{name} files not found: {', '.join(missing)}; {where}. "
-        f"Pass data_root=<folder> holding {expected} (the Python pickle version). "
+        f"Pass the folder holding {expected} (the Python pickle version) as --data-root "
+        "on the command line, data_root= in Python. "
         f"To get them, download with torchvision.datasets.{layout.torchvision}"
         "(root, download=True) on a machine with internet and copy the folder here "
         "(torchvision is not needed on this machine), or download and unpack "

@@ -189,6 +189,9 @@ def load_run(
     from .train import TrainConfig, _build_module, load_checkpoint
 
     run_dir = Path(run_dir)
+    if run_dir.is_file():  # typically DIR/checkpoint.pt itself
+        raise UserError(f"expected the run folder that holds checkpoint.pt; got the file "
+                        f"{run_dir} (its folder is {run_dir.parent})")
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist")
     path = run_dir / "checkpoint.pt"
@@ -264,6 +267,8 @@ def _folder_target(out: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """Export ``args.run`` to ``args.out``."""
+    if args.out is not None and not args.out.strip():  # was silently DIR/exported.pt
+        raise UserError(f"--out must be a .pt/.pth file or a folder; got {args.out!r}")
     out = Path(args.out) if args.out else Path(args.run) / "exported.pt"
     folder = _folder_target(args.out) if args.out else False
     if folder and out.exists() and not out.is_dir():

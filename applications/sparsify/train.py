@@ -1019,6 +1019,7 @@ def _run_phase(
     train_ds, val_ds, test_ds = data
     net = phase.net
     folder = phase.folder
+    label = "L0" if phase.name == "l0" else "dense"  # in the lines printed
     folder.mkdir(parents=True, exist_ok=True)
     ckpt_path = folder / CHECKPOINT_NAME
     metrics_path = folder / METRICS_NAME
@@ -1079,7 +1080,7 @@ def _run_phase(
         history = list(ckpt["history"])
         train_time = float(ckpt.get("train_time_s", 0.0))
         changes = list(ckpt.get("setting_changes", []))
-        printer.line(f"[{phase.name}] resumed from {ckpt_path} after epoch {start_epoch}")
+        printer.line(f"[{label}] resumed from {ckpt_path} after epoch {start_epoch}")
         # The restored optimizer and schedule carry the checkpoint's learning rates, and the
         # network was built with this run's lam, so only the rates need setting here.
         before = _retunable(ckpt.get("config", {}), phase.name)
@@ -1093,11 +1094,14 @@ def _run_phase(
             changed["device"] = [moved_from, device.type]
         if changed and start_epoch < config.epochs:
             changes.append({"epoch": start_epoch + 1, **changed})
-            printer.line(f"[{phase.name}] from epoch {start_epoch + 1}: " + ", ".join(
+            printer.line(f"[{label}] from epoch {start_epoch + 1}: " + ", ".join(
                 f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
     else:
         if config.resume:
-            printer.line(f"[{phase.name}] no checkpoint in {folder}; starting from scratch")
+            # a warning, not a progress line: with --no-progress a mistyped --out would
+            # otherwise look like a successful resume
+            printer.warn_once(f"fresh-{phase.name}", f"--resume: no checkpoint in {folder}; "
+                              f"the {label} phase starts from scratch")
         # a fresh run must not leave a stale checkpoint of an earlier run behind
         if _CTX.is_main:
             ckpt_path.unlink(missing_ok=True)
@@ -1113,7 +1117,6 @@ def _run_phase(
     steps_per_epoch = len(loader)
     step_fn = wrap_ddp(net, _CTX, device)
     channels_last = _channels_last(net, device)
-    label = "L0" if phase.name == "l0" else "dense"
     for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.perf_counter()
         net.train()
@@ -1476,7 +1479,10 @@ def train(config: TrainConfig, *,
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"cannot create output folder {out}: {exc.strerror or exc}") from None
+        blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+        why = (f"{blocker} is a file, not a folder" if blocker is not None
+               else exc.strerror or str(exc))
+        raise ConfigError(f"cannot create output folder {out}: {why}") from None
     old_threads = torch.get_num_threads()
     if config.num_threads is not None:
         torch.set_num_threads(int(config.num_threads))

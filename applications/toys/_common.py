@@ -358,6 +358,8 @@ def prepare_output(folder: str | Path, stem: str, suffixes: Sequence[str]) -> li
         Saying which check failed.
     """
     check_stem(stem)
+    if not str(folder).strip():  # Path("") is the working folder: say so rather than guess
+        raise UserError(f"--out must be a folder (use . for this one); got {str(folder)!r}")
     out = output_dir(folder)
     try:
         with tempfile.TemporaryFile(dir=out, prefix=".binopt-write-check-"):

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
+from ..cli import HelpFormatter
+from ..errors import UserError, with_option_names
 from ._common import (
     command_line,
     fmt,
@@ -41,6 +42,14 @@ PROBLEMS = ("toy", "maxcut", "vae")
 #: Largest max-cut graph: its weights are a dense n x n matrix and every chunk of estimates
 #: is (chunk size) x n (100,000 nodes asked for 80 GB).
 MAX_NODES = 2000
+#: Options of one problem only (by destination), refused with another ``--problem``.
+PROBLEM_OPTIONS = {
+    "toy": ("p0", "dim", "mode"),
+    "maxcut": ("nodes", "edge_prob", "graph_seed", "weighted"),
+    "vae": ("model", "batch_size", "latent_dim"),
+}
+#: The option of each setting of the toy and max-cut problems (for error messages).
+_OPTION_OF_SETTING = {"p0": "--p0", "dim": "--dim", "mode": "--mode", "edge_prob": "--edge-prob"}
 _PARSERS: dict[str, argparse.ArgumentParser] = {}
 
 
@@ -54,7 +63,7 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
             "a problem and report mean, variance, bias against the exact gradient (where "
             "computable) and variance x evaluations of f (variance at equal cost)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--problem", choices=PROBLEMS, default="toy", help="problem to measure on")
     p.add_argument(
@@ -77,36 +86,50 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
         help="give each estimator its own random stream (default: common random numbers, "
         "every estimator seeded with --seed, which sharpens comparisons)",
     )
-    where = p.add_argument_group("where to measure (toy, maxcut)")
+    where = p.add_argument_group("where to measure")
     where.add_argument(
         "--phi",
         type=float,
         nargs="+",
         default=None,
-        help="logit value(s) for every unit; one table per value (default: 0 for the toy, "
-        "normal logits with std 0.1 for max-cut)",
+        help="toy, maxcut: logit value(s) for every unit; one table per value (default: 0 "
+        "for the toy, normal logits with std 0.1 for max-cut)",
     )
-    where.add_argument("--logits", default=None, help="explicit comma-separated logit vector")
+    where.add_argument(
+        "--logits", default=None, help="toy, maxcut: explicit comma-separated logit vector"
+    )
     where.add_argument(
         "--step", type=int, default=0, help="first train this many steps, then measure there"
     )
     where.add_argument(
         "--train-estimator", default="disarm", help="estimator that trains up to --step"
     )
-    where.add_argument("--lr", type=float, default=None, help="Adam learning rate for --step")
+    where.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="Adam learning rate for --step (default: 0.1; 1e-3 for the VAE)",
+    )
     toy = p.add_argument_group("toy (Yin-Zhou)")
-    toy.add_argument("--p0", type=float, default=0.49)
+    toy.add_argument("--p0", type=float, default=0.49, help="target of sum_i (z_i - p0)^2")
     toy.add_argument("--dim", type=int, default=1, help="number of binary units D")
-    toy.add_argument("--mode", choices=("max", "min"), default="max")
+    toy.add_argument("--mode", choices=("max", "min"), default="max", help="maximise or minimise")
     mc = p.add_argument_group("maxcut")
-    mc.add_argument("--nodes", type=int, default=10)
-    mc.add_argument("--edge-prob", type=float, default=0.5)
-    mc.add_argument("--graph-seed", type=int, default=0)
+    mc.add_argument("--nodes", type=int, default=10, help="nodes of the random graph")
+    mc.add_argument("--edge-prob", type=float, default=0.5, help="probability of each edge")
+    mc.add_argument("--graph-seed", type=int, default=0, help="seed of the random graph")
     mc.add_argument("--weighted", action="store_true", help="uniform (0, 1] edge weights")
     vae = p.add_argument_group("vae")
-    vae.add_argument("--model", choices=("linear", "nonlinear"), default="linear")
-    vae.add_argument("--batch-size", type=int, default=50)
-    vae.add_argument("--latent-dim", type=int, default=200)
+    vae.add_argument(
+        "--model",
+        choices=("linear", "nonlinear"),
+        default="linear",
+        help="encoder and decoder architecture",
+    )
+    vae.add_argument(
+        "--batch-size", type=int, default=50, help="minibatch size (training and measurement)"
+    )
+    vae.add_argument("--latent-dim", type=int, default=200, help="binary latent units")
     out = p.add_argument_group("output")
     out.add_argument("--out", default="variance_results", help="output folder")
     out.add_argument("--name", default=None, help="file name stem (default variance_PROBLEM)")
@@ -123,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     from the problem, the training up to ``--step`` or the measurement is a user error.
     """
     specs = parse_estimator_list(args.estimators)
+    _check_problem_options(args, _PARSERS[args._subcommand])
     n = (
         args.num_samples
         if args.num_samples is not None
@@ -195,6 +219,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- settings
+def _check_problem_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse an option of another problem (``--p0`` with ``--problem maxcut`` was ignored).
+
+    An option counts as given when its value differs from its default.
+    """
+    for problem, dests in PROBLEM_OPTIONS.items():
+        if problem == args.problem:
+            continue
+        for dest in dests:
+            if getattr(args, dest) != parser.get_default(dest):
+                raise UserError(
+                    f"--{dest.replace('_', '-')} applies to --problem {problem} only; got "
+                    f"--problem {args.problem}"
+                )
+
+
 def _check_train_estimator(args: argparse.Namespace, spec) -> None:
     """Refuse, before any computing, a ``--train-estimator`` that cannot train the problem."""
     if spec.name != "exact":
@@ -258,7 +298,7 @@ def _logit_settings(args: argparse.Namespace, train_spec) -> tuple[dict[str, Any
         try:
             prob = YinZhouToy(args.p0, args.dim, args.mode)
         except ValueError as exc:
-            raise UserError(str(exc)) from exc
+            raise with_option_names(exc, _OPTION_OF_SETTING) from exc
         f, exact, dim = prob.loss, prob.exact_grad, prob.dim
         problem = {"name": "yin_zhou", "p0": prob.p0, "dim": prob.dim, "mode": prob.mode}
     else:
@@ -267,7 +307,7 @@ def _logit_settings(args: argparse.Namespace, train_spec) -> tuple[dict[str, Any
         try:
             prob = random_maxcut(args.nodes, args.edge_prob, args.graph_seed, args.weighted)
         except ValueError as exc:
-            raise UserError(str(exc)) from exc
+            raise with_option_names(exc, _OPTION_OF_SETTING) from exc
         f, exact, dim = prob.energy, prob.exact_grad, prob.n
         problem = {"name": "maxcut", **prob.meta}
     if args.coord is not None and not 0 <= args.coord < dim:

@@ -20,7 +20,8 @@ import argparse
 import math
 from typing import Any
 
-from ..errors import UserError
+from ..cli import HelpFormatter
+from ..errors import UserError, with_option_names
 from ._common import (
     command_line,
     fmt,
@@ -32,6 +33,8 @@ from ._common import (
 from .yin_zhou import P0_VALUES, YinZhouToy, train_toy
 
 DEFAULT_ESTIMATORS = "reinforce,reinforce_loo,arm,disarm,straight_through,gumbel,exact"
+#: The option of each setting of :class:`YinZhouToy` (error messages name the option).
+PROBLEM_OPTIONS = {"p0": "--p0", "dim": "--dim", "mode": "--mode"}
 _PARSERS: dict[str, argparse.ArgumentParser] = {}
 
 
@@ -45,7 +48,7 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
             "each estimator; record the probability of the right answer and the gradient "
             "variance along the way."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--p0", type=float, nargs="+", default=list(P0_VALUES), help="targets p0")
     p.add_argument("--dim", type=int, default=1, help="number of binary units D")
@@ -53,7 +56,7 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
     p.add_argument("--estimators", default=DEFAULT_ESTIMATORS, help="comma-separated estimators")
     p.add_argument("--steps", type=int, default=2000, help="optimiser steps")
     p.add_argument("--lr", type=float, default=0.1, help="learning rate")
-    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="optimiser")
     p.add_argument("--seeds", type=int, default=3, help="independent runs per estimator")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--init-logit", type=float, default=0.0, help="initial logit of every unit")
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             toys.append(YinZhouToy(p0, args.dim, args.mode))
         except ValueError as exc:
-            raise UserError(str(exc)) from exc
+            raise with_option_names(exc, PROBLEM_OPTIONS) from exc
     json_path, png_path = prepare_output(args.out, args.name, (".json", ".png"))
     record_every = (
         args.record_every if args.record_every is not None else max(1, args.steps // 500)

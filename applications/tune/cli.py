@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..cli import HelpFormatter
 from ..errors import UserError
 
 # binopt is installed from a checkout (it is not on PyPI): the extra comes from there too
@@ -45,15 +46,19 @@ INSTALL_HINT = ("binopt tune needs optuna; install it from the binopt checkout w
 def register(subparsers: Any, name: str = "tune", help_text: str | None = None) -> None:
     """Add the ``tune`` subcommand to ``subparsers`` (``set_defaults(func=run)``)."""
     p = subparsers.add_parser(
-        name, help=help_text, description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        name, help=help_text,
+        description="Optuna search of the pruning-rate vs accuracy trade-off: each trial "
+        "trains `binopt sparsify` with settings drawn from the search space and is scored on "
+        "a validation split carved from the training data.",
+        formatter_class=HelpFormatter,
         epilog="Search-space syntax: a number fixes a float parameter, LOW:HIGH searches it "
                "(log scale for --lam, --lr and --gate-lr), a comma list searches a categorical "
                "one. See docs/tune.md.",
     )
     g = p.add_argument_group("study")
     g.add_argument("--model", default="mlp", help="mlp, lenet5 or wrn (default: mlp)")
-    g.add_argument("--dataset", default="mnist5k", help="data set name (default: mnist5k)")
+    g.add_argument("--dataset", default="mnist5k",
+                   help="mnist5k, mnist1d (offline), mnist, cifar10, cifar100 (need --data-root)")
     g.add_argument("--data-root", default=None, help="folder of the full data sets")
     g.add_argument("--trials", type=int, default=20,
                    help="total number of trials of the study, across workers and restarts")
@@ -84,7 +89,9 @@ def register(subparsers: Any, name: str = "tune", help_text: str | None = None) 
                         "BUDGET (default 0.1)")
     t.add_argument("--weight", type=float, default=None,
                    help="instead of a budget, minimise val_error + WEIGHT * kept")
-    t.add_argument("--pruner", choices=("median", "halving", "none"), default="median")
+    t.add_argument("--pruner", choices=("median", "halving", "none"), default="median",
+                   help="stops unpromising trials early (median: below the median of earlier "
+                   "trials at the same epoch; halving: successive halving)")
     t.add_argument("--pruner-warmup", type=int, default=1,
                    help="epochs before a trial may be pruned (default 1)")
     t.add_argument("--pruner-startup", type=int, default=5,
@@ -106,17 +113,19 @@ def register(subparsers: Any, name: str = "tune", help_text: str | None = None) 
                    help="learning rate of the gate parameters (default 3e-3:3e-2, log)")
 
     tr = p.add_argument_group("training (fixed for every trial)")
-    tr.add_argument("--epochs", type=int, default=10)
-    tr.add_argument("--batch-size", type=int, default=100)
-    tr.add_argument("--optimizer", default="adam")
-    tr.add_argument("--weight-decay", type=float, default=0.0)
-    tr.add_argument("--device", default="auto")
-    tr.add_argument("--amp", action="store_true")
+    tr.add_argument("--epochs", type=int, default=10, help="passes over the training set")
+    tr.add_argument("--batch-size", type=int, default=100, help="examples per optimizer step")
+    tr.add_argument("--optimizer", default="adam", help="adam or sgd")
+    tr.add_argument("--weight-decay", type=float, default=0.0,
+                    help="L2 on the weights (never on the gate parameters)")
+    tr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    tr.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     tr.add_argument("--train-seed", type=int, default=0,
                    help="training seed, same for every trial so all share one validation split")
     tr.add_argument("--validation-fraction", type=float, default=0.2,
                    help="fraction of the training data held out for the objective (default 0.2)")
-    tr.add_argument("--limit", type=int, default=None, help="subsample the data (quick runs)")
+    tr.add_argument("--limit", type=int, default=None,
+                    help="use at most this many training and test examples (default: all)")
     tr.add_argument("--hidden", default=None, help="MLP hidden widths, e.g. 300,100")
     tr.add_argument("--model-options", default=None, help="JSON dict of model options")
 
@@ -174,9 +183,11 @@ def _model_options(args: argparse.Namespace) -> dict[str, Any]:
         try:
             options = json.loads(args.model_options)
         except json.JSONDecodeError as exc:
-            raise UserError(f"--model-options is not valid JSON: {exc}") from None
+            raise UserError(f"--model-options must be a JSON object like "
+                            f"'{{\"hidden\": [100, 50]}}'; got {args.model_options!r} ({exc})"
+                            ) from None
         if not isinstance(options, dict):
-            raise UserError("--model-options must be a JSON object")
+            raise UserError(f"--model-options must be a JSON object; got {args.model_options!r}")
     if args.hidden:
         try:
             options["hidden"] = [int(h) for h in str(args.hidden).split(",") if h.strip()]
@@ -200,10 +211,11 @@ def settings_from_args(args: argparse.Namespace):
         "amp": bool(args.amp), "limit": args.limit, "model_options": _model_options(args),
         "validation_fraction": args.validation_fraction,
     }
-    if args.epochs < 1 or args.batch_size < 1:
-        raise UserError("--epochs and --batch-size must be >= 1")
+    for option, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UserError(f"{option} must be >= 1; got {value}")
     if args.limit is not None and args.limit < 2:
-        raise UserError("--limit must be >= 2")
+        raise UserError(f"--limit must be >= 2; got {args.limit}")
     return TuneSettings(
         storage=resolve_storage(args.storage, out), study_name=name, n_trials=args.trials,
         out=out, mode=args.mode, kept=args.kept, budget=args.budget, weight=args.weight,

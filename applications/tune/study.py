@@ -75,7 +75,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from ..errors import UserError
+from ..errors import UserError, with_option_names
 from .space import SearchSpace
 
 try:  # POSIX only; elsewhere file storages rely on the surplus check alone
@@ -112,6 +112,11 @@ TRAIN_FIELDS = (
     "model", "dataset", "data_root", "epochs", "batch_size", "optimizer", "weight_decay",
     "seed", "device", "amp", "limit", "model_options", "validation_fraction",
 )
+
+#: The ``binopt tune`` option of each of :data:`TRAIN_FIELDS` (for error messages).
+TRAIN_OPTIONS = {
+    **{name: "--" + name.replace("_", "-") for name in TRAIN_FIELDS}, "seed": "--train-seed",
+}
 
 
 @dataclass
@@ -199,12 +204,25 @@ class TuneSettings:
             raise UserError(f"--trials must be >= 1; got {self.n_trials}")
         if self.jobs < 1:
             raise UserError(f"--jobs must be >= 1; got {self.jobs}")
+        # counts and seeds that optuna or numpy would refuse with a traceback mid-study
+        # (or, for --startup-trials and --threads, silently read as something else)
+        for option, value, minimum in (
+            ("--seed", self.seed, 0), ("--worker-index", self.worker_index, 0),
+            ("--startup-trials", self.startup_trials, 0),
+            ("--pruner-warmup", self.pruner_warmup, 0),
+            ("--pruner-startup", self.pruner_startup, 0),
+            ("--threads", 1 if self.threads is None else self.threads, 1),
+        ):
+            if value < minimum:
+                raise UserError(f"{option} must be >= {minimum}; got {value}")
         if not 0.0 < self.budget <= 1.0:
             raise UserError(f"--budget must lie in (0, 1]; got {self.budget}")
-        if self.weight is not None and not self.weight >= 0:
-            raise UserError(f"--weight must be >= 0; got {self.weight}")
-        if not self.heartbeat > 0:
-            raise UserError(f"--heartbeat must be positive; got {self.heartbeat}")
+        if self.weight is not None and not 0 <= self.weight < math.inf:
+            raise UserError(f"--weight must be a finite number >= 0; got {self.weight}")
+        # threading's waits take at most TIMEOUT_MAX seconds (inf crashed the heartbeat)
+        if not 0 < self.heartbeat <= threading.TIMEOUT_MAX:
+            raise UserError(f"--heartbeat must be a positive number of seconds up to "
+                            f"{threading.TIMEOUT_MAX:.0f}; got {self.heartbeat}")
         vf = self.train.get("validation_fraction", 0.2)
         if not 0.0 < float(vf) < 1.0:
             raise UserError(
@@ -876,10 +894,8 @@ def validate_train_settings(settings: TuneSettings) -> None:
     if callable(validate):
         try:
             validate()
-        except UserError:
-            raise
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
+        except (UserError, ValueError) as exc:  # name the option (seed is --train-seed here)
+            raise with_option_names(exc, TRAIN_OPTIONS) from None
     load_study_data(settings.train)
 
 

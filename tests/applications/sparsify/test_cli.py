@@ -64,7 +64,7 @@ def test_cli_json_output_and_per_layer_lambda(tmp_path, capsys):
         (["--lam", "nan"], "lam must be finite"),
         (["--lam", "7=0.1"], "unknown gated layers"),
         (["--epochs", "0"], "epochs must be >= 1"),
-        (["--init-drop-rate", "0"], "init_drop_rate must be in (0, 1)"),
+        (["--init-drop-rate", "0"], "--init-drop-rate must be in (0, 1)"),
         (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"],
          "device"),
         (["--optimizer", "rmsprop"], "unknown optimizer"),
@@ -72,6 +72,14 @@ def test_cli_json_output_and_per_layer_lambda(tmp_path, capsys):
         (["--model-options", "{bad"], "--model-options must be a JSON object"),
         (["--model-options", '{"hidden": 5}'], "hidden"),
         (["--amp", "--device", "cpu"], "amp"),
+        # the option, not the TrainConfig field (num_threads, data_seed, batch_size)
+        (["--threads", "0"], "--threads must be >= 1; got 0"),
+        (["--data-seed", "-1"], "--data-seed must be >= 0; got -1"),
+        (["--batch-size", "0"], "--batch-size must be >= 1; got 0"),
+        # a layer named twice was silently given its last value
+        (["--lam", "1=0.1,1=0.2"], "--lam names layer '1' twice"),
+        # the example was the one of --model-options
+        (["--estimator-options", "{bad"], "like '{\"beta\": 0.5}'; got '{bad'"),
     ],
 )
 def test_cli_user_errors_are_one_line(tmp_path, capsys, extra, needle):
@@ -79,6 +87,16 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys, extra, needle):
     assert code == 2
     line = _one_error_line(capsys)
     assert needle in line, line
+
+
+def test_json_summary_is_alone_on_stdout(tmp_path, capsys):
+    """``binopt sparsify --json | jq``: the per-epoch lines (printed when progress is on and
+    stderr is not a terminal) went to stdout before the JSON, which then did not parse."""
+    args = [a for a in _args(tmp_path, "--json", "--epochs", "2") if a != "--no-progress"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["architecture"].startswith("784-")
+    assert "epoch   1/2" in captured.err and "epoch   2/2" in captured.err
 
 
 def test_cli_missing_data_folder(tmp_path, capsys):
@@ -105,6 +123,36 @@ def test_cli_nan_loss_exits_nonzero_with_checkpoint_intact(tmp_path, capsys, mon
     line = _one_error_line(capsys)
     assert "diverged" in line and "epoch 2" in line and "checkpoint.pt" in line
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+
+
+@pytest.mark.parametrize("interrupt_at_step", [1, 3])
+def test_ctrl_c_is_one_line_saying_how_to_continue(tmp_path, capsys, monkeypatch,
+                                                    interrupt_at_step):
+    """Ctrl-C: exit status 130 and one line, which (once an epoch is checkpointed) says how
+    to go on; the finished epochs are kept and ``--resume`` continues from them."""
+    original = train_mod.GatedNetwork.objective
+    count = {"n": 0}
+
+    def objective(self, *args, **kwargs):
+        count["n"] += 1
+        if count["n"] == interrupt_at_step:  # 2 steps per epoch
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.GatedNetwork, "objective", objective)
+    assert main(_args(tmp_path, "--epochs", "3")) == 130
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    if interrupt_at_step == 1:  # nothing to continue from
+        assert err == "binopt: interrupted\n" and not checkpoint.exists()
+        return
+    assert err.startswith(f"binopt: interrupted; {checkpoint} keeps the last finished epoch")
+    assert "--resume" in err
+    assert load_checkpoint(checkpoint)["epoch"] == 1
+    monkeypatch.setattr(train_mod.GatedNetwork, "objective", original)
+    assert main(_args(tmp_path, "--epochs", "3", "--resume")) == 0
+    assert load_checkpoint(checkpoint)["epoch"] == 3
 
 
 def test_cli_resume(tmp_path, capsys):

@@ -346,6 +346,8 @@ def test_mnist_missing_folder_message(tmp_path: Path) -> None:
     assert "t10k-labels-idx1-ubyte" in msg
     assert str(tmp_path / "missing" / "MNIST" / "raw") in msg
     assert "torchvision.datasets.MNIST" in msg and "download=True" in msg
+    # the option on the command line, the argument in Python
+    assert "--data-root on the command line, data_root= in Python" in msg
 
 
 @pytest.mark.parametrize("name", ["mnist", "cifar10", "cifar100"])
@@ -358,8 +360,9 @@ def test_data_root_that_is_a_file_is_named_as_such(tmp_path: Path, name: str) ->
     msg = str(info.value)
     assert f"({path} is not a folder)" in msg
     assert "does not exist" not in msg
-    with pytest.raises(DatasetNotFoundError, match="does not exist"):
+    with pytest.raises(DatasetNotFoundError, match="does not exist") as info:
         load_dataset(name, data_root=tmp_path / "missing")
+    assert "--data-root" in str(info.value) and "data_root=" in str(info.value)
 
 
 def test_mnist_partially_missing_names_the_missing_file(tmp_path: Path) -> None:
@@ -371,7 +374,7 @@ def test_mnist_partially_missing_names_the_missing_file(tmp_path: Path) -> None:
 
 
 def test_mnist_without_data_root() -> None:
-    with pytest.raises(DatasetNotFoundError, match="data_root") as info:
+    with pytest.raises(DatasetNotFoundError, match="no data folder was given") as info:
         load_dataset("mnist")
     assert "train-images-idx3-ubyte" in str(info.value)
 

@@ -112,6 +112,19 @@ def test_export_command_errors(tmp_path, capsys):
     assert "user module" in err and err.count("\n") == 1
 
 
+def test_run_naming_the_checkpoint_file_and_empty_out(tmp_path, capsys):
+    """``--run DIR/checkpoint.pt`` said "run folder ... does not exist" (it exists, as a
+    file); ``--out ''`` silently wrote DIR/exported.pt."""
+    _fake_run(tmp_path / "run", model="mlp")
+    assert main(["export", "--run", str(tmp_path / "run" / "checkpoint.pt")]) == 2
+    err = _one_line_error(capsys)
+    assert "expected the run folder that holds checkpoint.pt; got the file" in err
+    assert f"(its folder is {tmp_path / 'run'})" in err
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", ""]) == 2
+    assert "--out must be a .pt/.pth file or a folder; got ''" in _one_line_error(capsys)
+    assert not (tmp_path / "run" / "exported.pt").exists()
+
+
 def _one_line_error(capsys) -> str:
     captured = capsys.readouterr()
     assert captured.err.startswith("binopt: error: ") and captured.err.count("\n") == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -143,9 +144,22 @@ def test_resume_refuses_other_settings(tmp_path):
         == [1e-3, 5e-4]
 
 
-def test_resume_without_checkpoint_starts_afresh(tmp_path):
+def test_resume_without_checkpoint_starts_afresh(tmp_path, capsys):
     summary = train(tiny(tmp_path, epochs=1, resume=True))
     assert summary["epochs"] == 1
+    # a warning even without progress lines: a mistyped --out must not pass for a resume
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"binopt: warning: --resume: no checkpoint in {tmp_path / 'run'}; the L0 "
+                   "phase starts from scratch"]
+
+
+def test_output_folder_under_a_file_is_named_as_the_problem(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        with pytest.raises(UserError, match=re.escape(
+                f"cannot create output folder {out}: {tmp_path / 'file'} is a file, not a "
+                "folder")):
+            train(tiny(tmp_path, out=str(out)))
 
 
 def test_callback_exception_propagates_after_the_checkpoint(tmp_path):

@@ -186,6 +186,15 @@ def test_variance_vae_tiny(tmp_path, capsys):
             "cannot train the VAE",
         ),
         (["variance", "--problem", "maxcut", "--nodes", "100000"], "--nodes must be between 2"),
+        # options of another problem were silently ignored
+        (["variance", "--problem", "maxcut", "--p0", "0.3"],
+         "--p0 applies to --problem toy only; got --problem maxcut"),
+        (["variance", "--latent-dim", "3"], "--latent-dim applies to --problem vae only"),
+        (["variance", "--problem", "vae", "--weighted"], "--weighted applies to --problem maxcut"),
+        # the option, not the problem's argument name (dim, edge_prob)
+        (["variance", "--dim", "0"], "--dim must be a positive int; got 0"),
+        (["variance", "--problem", "maxcut", "--edge-prob", "0"], "--edge-prob must be in (0, 1]"),
+        (["toy", *TINY_TOY, "--dim", "0"], "--dim must be a positive int; got 0"),
         # a moving-average baseline is not one distribution (it was silently ignored)
         (["variance", "--estimators", "reinforce,reinforce:baseline=moving_average"],
          "moving-average baseline"),
@@ -271,6 +280,8 @@ def test_outputs_are_checked_before_any_computing(command, tmp_path, monkeypatch
         (["--out", str(tmp_path / "file")], "cannot create output folder"),
         (["--out", str(tmp_path), "--name", "taken"], "is a folder"),
         (["--out", str(tmp_path), "--name", "a/b"], "--name must be a file name stem"),
+        # was the working folder
+        (["--out", ""], "--out must be a folder (use . for this one); got ''"),
     ]
     if command == "toy":  # every p0 is checked before the first is trained
         cases.append((["--out", str(tmp_path), "--p0", "0.49", "0.5"], "not 1/2; got 0.5"))
