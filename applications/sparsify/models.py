@@ -14,6 +14,7 @@ users' own Sequential models.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -285,3 +286,22 @@ def _per_layer(value, n: int, what: str) -> list[float]:
 
 
 MODELS = ("mlp", "lenet5", "wrn")
+
+#: What :func:`build_model` sets itself (from the data set and the run), per model.
+_SET_BY_BUILD = frozenset({"sizes", "in_channels", "num_classes", "input_size", "gated"})
+
+
+def model_options(name: str) -> list[str]:
+    """The named options of model ``name`` that :func:`build_model` passes on (sorted);
+    options of its L0 layers and gates pass through as well."""
+    key = name.strip().lower().replace("-", "_")
+    builder = {"mlp": mlp, "lenet5": lenet5_caffe, "lenet5_caffe": lenet5_caffe,
+               "lenet": lenet5_caffe, "wrn": WideResNet.__init__,
+               "wide_resnet": WideResNet.__init__, "wideresnet": WideResNet.__init__}.get(key)
+    if builder is None:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    names = {p.name for p in inspect.signature(builder).parameters.values()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - _SET_BY_BUILD - {"self"}
+    if builder is mlp:
+        names.add("hidden")
+    return sorted(names)

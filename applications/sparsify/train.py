@@ -63,6 +63,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 import warnings
@@ -618,6 +619,14 @@ def _build_module(config: TrainConfig, input_shape, num_classes: int, gated: boo
         return build_model(config.model, input_shape=input_shape, num_classes=num_classes,
                            gated=gated, **options)
     except (ValueError, TypeError) as exc:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        if unknown and unknown.group(1) in config.model_options:
+            from .models import model_options
+
+            raise ConfigError(
+                f"the {config.model} model takes no option {unknown.group(1)!r} (--model-options"
+                f"); its options: {', '.join(model_options(config.model))}, and those of its L0 "
+                "layers and gates") from None
         raise ConfigError(f"cannot build model {config.model!r}: {exc}") from None
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import inspect
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -348,6 +349,7 @@ def get_estimator(name: str | type[Estimator] | Estimator, **options: Any) -> Es
             raise ValueError(f"options {sorted(options)} cannot be applied to an existing {name!r}")
         return name
     if isinstance(name, type) and issubclass(name, Estimator):
+        _check_options(name, options)
         return name(**options)
     if not isinstance(name, str):
         raise TypeError(f"estimator must be a name, an Estimator class or instance; got {name!r}")
@@ -357,4 +359,41 @@ def get_estimator(name: str | type[Estimator] | Estimator, **options: Any) -> Es
         raise ValueError(
             f"unknown estimator {name!r}; expected one of {', '.join(available_estimators())}"
         )
+    _check_options(_REGISTRY[key], options)
     return _REGISTRY[key](**options)
+
+
+def _accepted_options(cls: type) -> set[str] | None:
+    """The keyword arguments ``cls(...)`` accepts, following the ``**kwargs`` that binopt's
+    own estimators pass on to their base class; ``None`` when that cannot be told (e.g. a
+    user's ``__init__`` taking ``**kwargs``, which may consume some of them)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        if klass is object:
+            return None
+        try:
+            params = list(inspect.signature(init).parameters.values())[1:]
+        except (TypeError, ValueError):
+            return None
+        names.update(p.name for p in params
+                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names
+        if not klass.__module__.startswith("binopt."):
+            return None
+    return None
+
+
+def _check_options(cls: type, options: dict[str, Any]) -> None:
+    """A ``TypeError`` naming the options ``cls`` does not take and those it does (Python's
+    own message names only the first unknown one, and none of the accepted)."""
+    accepted = _accepted_options(cls)
+    unknown = sorted(set(options) - accepted) if accepted is not None else []
+    if unknown:
+        raise TypeError(
+            f"{cls.__name__} takes no option {', '.join(map(repr, unknown))}; its options: "
+            f"{', '.join(sorted(accepted)) or 'none'}"
+        )

@@ -600,3 +600,21 @@ def test_exact_is_exact_under_autocast():
         got = binopt.exact_grad(f, logits)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_get_estimator_names_unknown_options_and_the_accepted_ones():
+    # the options of the subclass and those its **kwargs pass on to the base class
+    with pytest.raises(TypeError, match=r"^REINFORCELOO takes no option 'foo', 'tau'; its "
+                       r"options: generator, num_samples, validate_args$"):
+        binopt.get_estimator("reinforce_loo", tau=1.0, foo=2)
+    with pytest.raises(TypeError, match=r"^HardConcrete takes no option 'temperature'; its "
+                       r"options: beta, gamma, generator, validate_args, zeta$"):
+        binopt.get_estimator(binopt.HardConcrete, temperature=0.5)
+    assert binopt.get_estimator("hard_concrete", beta=0.5).beta == 0.5
+
+    class Open(binopt.ARM):  # an __init__ that takes anything: nothing to check against
+        def __init__(self, **kwargs):
+            self.extra = kwargs.pop("extra", None)
+            super().__init__(**kwargs)
+
+    assert binopt.get_estimator(Open, extra=1).extra == 1

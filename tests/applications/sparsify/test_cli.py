@@ -71,6 +71,11 @@ def test_cli_json_output_and_per_layer_lambda(tmp_path, capsys):
         (["--model-options", "[1]"], "--model-options must be a JSON object"),
         (["--model-options", "{bad"], "--model-options must be a JSON object"),
         (["--model-options", '{"hidden": 5}'], "hidden"),
+        # the unknown option and the accepted ones (was: a parameterization's TypeError)
+        (["--model-options", '{"foo": 1}'], "the mlp model takes no option 'foo' "
+         "(--model-options); its options: hidden, init_drop_rate, and those of its L0"),
+        (["--estimator-options", '{"tau": 1}'],
+         "ARM takes no option 'tau'; its options: generator, validate_args"),
         (["--amp", "--device", "cpu"], "amp"),
         # the option, not the TrainConfig field (num_threads, data_seed, batch_size)
         (["--threads", "0"], "--threads must be >= 1; got 0"),
