@@ -8,6 +8,8 @@ device checks are always on because they cost nothing.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _VALIDATE_ARGS = True
@@ -60,6 +62,18 @@ def check_num_samples(num_samples: object, what: str = "num_samples") -> int:
     if num_samples < 1:
         raise ValueError(f"{what} must be >= 1; got {num_samples}")
     return num_samples
+
+
+def check_finite_number(name: str, value: object) -> float:
+    """An option that must be a finite real number, as a float (numbers of any kind, numpy's
+    and 0-d tensors included, and strings that spell one)."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number; got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number; got {number}")
+    return number
 
 
 def check_f_output(value: object, num_samples: int, device: torch.device, check_values: bool):

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ._structure import Structure, flatten
-from ._validation import check_num_samples
+from ._structure import Structure, flatten, leaf_names
+from ._validation import check_f_output, check_logits, check_num_samples
 from .estimators import ARM, REINFORCE, REINFORCELOO, DisARM, Estimator, Exact, get_estimator
 from .estimators.exact import all_states
 
@@ -83,8 +83,10 @@ def monte_carlo(
             mean[k] = mean[k] + delta * (n / total)
             m2[k] = m2[k] + chunk_m2 + delta * delta * (done * n / total)
         done += n
-    denom = max(num_samples - 1, 1)
-    var = [m / denom for m in m2]
+    # the unbiased sample variance; one estimate says nothing about the spread: NaN (as
+    # torch.var), not 0, which would read as an exact estimator (and made bias's z NaN)
+    var = [m / (num_samples - 1) if num_samples > 1 else torch.full_like(m, float("nan"))
+           for m in m2]
     se = [(v / num_samples).sqrt() for v in var]
     return GradientStats(
         mean=rebuild(mean),
@@ -119,25 +121,33 @@ def bias(estimator: Estimator | str, f, logits: Structure, num_samples: int = 10
 
 
 # ----------------------------------------------------------------------------- exact variance
-def _table(f, logits: Structure, max_dim: int):
-    """``f`` on all states (float64) plus flattened probabilities and the rebuild helper."""
+def _table(est: Estimator, f, logits: Structure, max_dim: int):
+    """``f`` on all states (float64) plus flattened probabilities and the rebuild helper.
+
+    The logits and ``f``'s values get the checks the estimators give them (``est``'s
+    ``validate_args`` decides the finiteness checks): a NaN logit or value would otherwise
+    turn every moment into NaN without a word.
+    """
+    if not callable(f):
+        raise TypeError(f"f must be callable; got {type(f).__name__}")
     leaves, rebuild = flatten(logits)
+    names = None if isinstance(logits, torch.Tensor) else leaf_names(logits)
+    check_logits(leaves, est.validate_args, names=names)
     sizes = [leaf.numel() for leaf in leaves]
     dim = sum(sizes)
     if dim > max_dim:
         raise ValueError(f"exact_variance enumerates at most {max_dim} units here; got {dim}")
     ref = leaves[0]
-    states = all_states(dim, device=ref.device, dtype=ref.dtype)
+    states = all_states(dim, device=ref.device, dtype=torch.float64)
     parts = states.split(sizes, dim=1)
-    # copies: f may modify its samples in place, and ``states`` is used after it
-    samples = [p.reshape((p.shape[0],) + tuple(leaf.shape)).clone()
+    # copies, each leaf in its own dtype: f may modify its samples in place, and ``states``
+    # is used after it
+    samples = [p.reshape((p.shape[0],) + tuple(leaf.shape)).to(leaf.dtype, copy=True)
                for p, leaf in zip(parts, leaves)]
     with torch.no_grad():
-        values = f(rebuild(samples))
-    if not isinstance(values, torch.Tensor) or values.shape != (2**dim,):
-        raise ValueError(f"f must return shape ({2**dim},) on the {2**dim} states")
-    alpha = torch.cat([leaf.detach().reshape(-1) for leaf in leaves]).double()
-    return values.detach().double(), states.double(), alpha, leaves, rebuild
+        values = check_f_output(f(rebuild(samples)), 2**dim, ref.device, est.validate_args)
+    alpha = torch.cat([leaf.detach().reshape(-1).double() for leaf in leaves])
+    return values.detach().double(), states, alpha, leaves, rebuild
 
 
 def _rebuild_flat(flat: torch.Tensor, leaves, rebuild):
@@ -168,17 +178,17 @@ def exact_variance(estimator: Estimator | str, f, logits: Structure) -> dict[str
     """
     est = get_estimator(estimator)
     if isinstance(est, (ARM, DisARM)):
-        values, _, alpha, leaves, rebuild = _table(f, logits, 12)
+        values, _, alpha, leaves, rebuild = _table(est, f, logits, 12)
         mean, second = _antithetic_moments(est, values, alpha)
     elif isinstance(est, REINFORCELOO):
         k = est.num_samples
         n_units = sum(leaf.numel() for leaf in flatten(logits)[0])
         if n_units * k > 16:
             raise ValueError(f"exact_variance for leave-one-out needs D*K <= 16; got {n_units * k}")
-        values, states, alpha, leaves, rebuild = _table(f, logits, 16)
+        values, states, alpha, leaves, rebuild = _table(est, f, logits, 16)
         mean, second = _loo_moments(values, states, alpha, k)
     elif isinstance(est, REINFORCE):
-        values, states, alpha, leaves, rebuild = _table(f, logits, 20)
+        values, states, alpha, leaves, rebuild = _table(est, f, logits, 20)
         b = 0.0 if est.baseline_value is None or est.baseline is None else float(est.baseline_value)
         pi = torch.sigmoid(alpha)
         q = _probs(states, alpha)
@@ -221,6 +231,8 @@ def _loo_moments(values, states, alpha, k: int):
 def _antithetic_moments(est: Estimator, values: torch.Tensor, alpha: torch.Tensor):
     """Moments of ARM/DisARM by exact integration over the ``3^D`` boxes of ``u``."""
     dim = alpha.numel()
+    if dim == 0:  # no unit, no gradient (and cartesian_prod of nothing is an error)
+        return alpha.clone(), alpha.clone()
     pi = torch.sigmoid(alpha)
     lo, hi = torch.minimum(pi, 1 - pi), torch.maximum(pi, 1 - pi)
     # Interval edges per coordinate: [0, lo), [lo, hi), [hi, 1].

@@ -35,8 +35,12 @@ class _SafeLogit(torch.autograd.Function):
 
 
 def _logit_bound(dtype: torch.dtype) -> float:
-    # logit of the smallest positive normal number: keeps sigmoid(alpha) away from 0/1 rounding
-    return float(-torch.log(torch.tensor(torch.finfo(dtype).tiny, dtype=torch.float64)))
+    # logit of the smallest positive normal number: keeps sigmoid(alpha) away from 0/1
+    # rounding. Half-precision logits take float32's (87.3): the estimators compare their
+    # noise with sigmoid(alpha) in at least float32 (Estimator._uniform), where float16's
+    # own bound (9.7) would leave a closed gate open with probability 6e-5.
+    tiny = torch.finfo(torch.promote_types(dtype, torch.float32)).tiny
+    return float(-torch.log(torch.tensor(tiny, dtype=torch.float64)))
 
 
 def safe_logit(probs: torch.Tensor) -> torch.Tensor:

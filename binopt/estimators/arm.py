@@ -27,15 +27,17 @@ class _AntitheticPair(Estimator):
     evaluations = 2
 
     def _estimate(self, call_f: Callable, alphas: list[torch.Tensor]) -> torch.Tensor:
-        u = [self._uniform(tuple(a.shape), a) for a in alphas]
+        u = [self._uniform(tuple(a.shape), a) for a in alphas]  # at least float32
+        alpha = [a.detach().to(uk.dtype) for uk, a in zip(u, alphas)]
         samples = []
-        for uk, a in zip(u, alphas):
-            p = torch.sigmoid(a.detach())
+        for uk, ak, a in zip(u, alpha, alphas):
+            p = torch.sigmoid(ak)
             samples.append(torch.cat([uk > 1 - p, uk < p]).to(a.dtype))  # z1, z2
         pair = call_f(samples).reshape(2, -1)
         diff = (pair[0] - pair[1]).detach()  # f(z1) - f(z2), one per estimate
-        coef = [self._coefficients(diff.reshape((-1,) + (1,) * (a.dim() - 1)), uk, a.detach())
-                for uk, a in zip(u, alphas)]
+        # (the coefficients in u's precision; autograd rounds them once to the logits' dtype)
+        coef = [self._coefficients(diff.reshape((-1,) + (1,) * (a.dim() - 1)), uk, ak)
+                for uk, ak, a in zip(u, alpha, alphas)]
         return attach_gradient(pair.mean(0), coef, alphas)
 
     @staticmethod

@@ -25,7 +25,7 @@ import abc
 import contextlib
 import inspect
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Union
 
 import torch
 
@@ -39,6 +39,7 @@ from .._validation import (
 )
 
 ObjectiveFn = Callable[[Any], torch.Tensor]
+SampleShape = Union[tuple[int, ...], torch.Size, int]
 
 
 class Estimator(abc.ABC):
@@ -66,8 +67,10 @@ class Estimator(abc.ABC):
         Source of randomness; must live on the logits' device. ``None`` uses torch's
         default generator for that device.
     validate_args : bool, optional
-        Check logits and ``f``'s output for NaN/inf (costs a host-device sync). ``None``
-        follows :func:`binopt.set_validate_args` (default on).
+        Check logits and ``f``'s output for NaN/inf (costs a host-device sync) and, for
+        estimators that differentiate ``f`` through its samples, that ``f``'s values depend
+        on them (a walk of ``f``'s autograd graph). ``None`` follows
+        :func:`binopt.set_validate_args` (default on).
     """
 
     name: ClassVar[str] = "estimator"
@@ -116,10 +119,12 @@ class Estimator(abc.ABC):
         pi = torch.sigmoid(logits)
         return torch.where(pi >= 0.5, pi, torch.zeros_like(pi))
 
-    def sample(self, logits: torch.Tensor, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
-        """Draw gate samples (no gradient) of shape ``sample_shape + logits.shape``."""
-        u = self._uniform(tuple(sample_shape) + tuple(logits.shape), logits)
-        return (u < torch.sigmoid(logits.detach())).to(logits.dtype)
+    def sample(self, logits: torch.Tensor, sample_shape: SampleShape = ()) -> torch.Tensor:
+        """Draw gate samples (no gradient) of shape ``sample_shape + logits.shape``, in the
+        logits' dtype (``sample_shape`` may be an int ``n``, meaning ``(n,)``)."""
+        shape = self._check_sample_args(logits, sample_shape)
+        u = self._uniform(shape + tuple(logits.shape), logits)
+        return (u < torch.sigmoid(logits.detach().to(u.dtype))).to(logits.dtype)
 
     # ------------------------------------------------------------------ public interface
     def surrogate(self, f: ObjectiveFn, logits: Structure, num_samples: int = 1) -> torch.Tensor:
@@ -226,14 +231,22 @@ class Estimator(abc.ABC):
         _, rebuild = flatten(logits)
         device = alphas[0].device
         check = self.validate_args
+        differentiates = (self.requires_differentiable_f and torch.is_grad_enabled()
+                          and any(a.requires_grad for a in alphas))
+        sample_nodes: list = []
 
         def call_f(samples: list[torch.Tensor]) -> torch.Tensor:
+            if differentiates and check:  # before f: it may modify its samples in place
+                sample_nodes.extend(z.grad_fn for z in samples if z.grad_fn is not None)
             s = samples[0].shape[0]
             return check_f_output(f(rebuild(samples)), s, device, check)
 
         values = self._estimate(call_f, alphas)
-        if (self.requires_differentiable_f and not values.requires_grad
-                and torch.is_grad_enabled() and any(a.requires_grad for a in alphas)):
+        # Values that do not depend on the samples at all; or (a graph walk, so only with
+        # validate_args) that depend on parameters inside f but not on the samples, which
+        # left a silent zero gradient for the logits.
+        if differentiates and (not values.requires_grad or (
+                check and sample_nodes and not _reaches(values.grad_fn, sample_nodes))):
             raise ValueError(
                 f"{type(self).__name__} differentiates f through its samples, but f's values "
                 "do not depend differentiably on them (f is constant in z, thresholds z, or "
@@ -242,8 +255,30 @@ class Estimator(abc.ABC):
             )
         return values
 
+    def _check_sample_args(self, logits: object, sample_shape: object,
+                           method: str = "sample") -> tuple[int, ...]:
+        """Checks of :meth:`sample`'s (or ``rsample``'s) arguments; returns ``sample_shape``
+        as a tuple."""
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(
+                f"{type(self).__name__}.{method} takes one tensor of logits; got "
+                f"{type(logits).__name__} (sample each tensor of a structure on its own)"
+            )
+        check_logits([logits], self.validate_args)
+        if isinstance(sample_shape, int) and not isinstance(sample_shape, bool):
+            sample_shape = (sample_shape,)
+        if (not isinstance(sample_shape, (tuple, list, torch.Size))
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                           for n in sample_shape)):
+            raise TypeError(
+                "sample_shape must be a tuple of non-negative ints (or one int); "
+                f"got {sample_shape!r}"
+            )
+        return tuple(sample_shape)
+
     def _uniform(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """Uniform noise in the OPEN interval ``(0, 1)``.
+        """Uniform noise in the OPEN interval ``(0, 1)``, in :func:`noise_dtype` of ``like``
+        (its dtype, but at least float32).
 
         ``torch.rand`` draws from ``[0, 1)``; its one value 0 is moved below every other
         value it can draw (to ``eps / 4``). Then ``u < pi`` never fires for a gate closed
@@ -251,14 +286,49 @@ class Estimator(abc.ABC):
         1e-38 in float32, not 0), so saturated gates sample deterministically on both sides;
         ``u < 1`` and ``u > 0`` hold for open ones. Without it a closed gate opened with
         probability ``2**-24`` per draw in float32.
+
+        Compare ``u`` with ``sigmoid(alpha)`` computed in ``u.dtype``: in float16 or
+        bfloat16 (a 2**-11 or 2**-8 grid near 1, and ``eps / 4`` swallowing every draw
+        below 2**-12 or 2**-9) the samples were visibly not Bernoulli(sigmoid(alpha)) and
+        the "unbiased" estimators were biased by 10-100% at |alpha| around 5.
         """
-        u = torch.rand(shape, generator=self.generator, device=like.device, dtype=like.dtype)
-        return u.clamp_min_(torch.finfo(like.dtype).eps / 4)
+        dtype = noise_dtype(like.dtype)
+        u = torch.rand(shape, generator=self.generator, device=like.device, dtype=dtype)
+        return u.clamp_min_(torch.finfo(dtype).eps / 4)
 
     def _open_uniform(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """Uniform noise bounded away from 0 and 1, for log-odds transforms."""
-        eps = torch.finfo(like.dtype).eps
-        return self._uniform(shape, like).clamp(eps, 1.0 - eps)
+        """Uniform noise bounded away from 0 and 1, for log-odds transforms (in
+        :func:`noise_dtype` of ``like``, as :meth:`_uniform`)."""
+        u = self._uniform(shape, like)
+        eps = torch.finfo(u.dtype).eps
+        return u.clamp(eps, 1.0 - eps)
+
+
+def _reaches(node, targets: list) -> bool:
+    """Whether the autograd graph from ``node`` reaches one of the ``targets`` nodes."""
+    wanted = set(targets)
+    seen = set()
+    stack = [node]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if node in wanted:
+            return True
+        seen.add(node)
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return False
+
+
+def noise_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype estimators draw their noise and compare it with ``sigmoid(alpha)`` in: the
+    logits' own, but at least float32 (float16 and bfloat16 logits sample in float32).
+
+    Samples, surrogate values and gradients still come back in the logits' dtype; only the
+    random draws and the coefficients built from them are computed more precisely, so that
+    a sample is Bernoulli(sigmoid(alpha)) for the (half-precision) value of ``alpha``.
+    """
+    return torch.promote_types(dtype, torch.float32)
 
 
 def no_autocast(device_type: str):

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 from .._structure import Structure, flatten
 from .._validation import check_num_samples
-from .base import Estimator, ObjectiveFn, no_autocast, register_estimator
+from .base import Estimator, ObjectiveFn, no_autocast, noise_dtype, register_estimator
 
 #: Largest total number of binary units enumerated by default (2^20 states).
 MAX_EXACT_DIM = 20
@@ -44,7 +45,11 @@ class Exact(Estimator):
 
     def __init__(self, max_dim: int = MAX_EXACT_DIM, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.max_dim = int(max_dim)
+        if isinstance(max_dim, bool) or not isinstance(max_dim, int):
+            raise TypeError(f"max_dim must be an int (units in total); got {max_dim!r}")
+        if max_dim < 0:
+            raise ValueError(f"max_dim must be >= 0; got {max_dim}")
+        self.max_dim = max_dim
         self._dim: int | None = None
 
     @property
@@ -73,19 +78,27 @@ class Exact(Estimator):
             )
         self._dim = dim
         ref = alphas[0]
-        states = all_states(dim, device=ref.device, dtype=ref.dtype)  # (2^D, D)
-        # f gets a copy: it may modify its samples in place, and autograd keeps ``states``
-        parts = states.clone().split(sizes, dim=1)
-        samples = [p.reshape((p.shape[0],) + tuple(a.shape[1:])) for p, a in zip(parts, alphas)]
+        # The enumeration runs in the leaves' common dtype, but at least float32: in bfloat16
+        # the oracle's gradient was off by a third of its size (a rounded log q on every
+        # state), and leaves of different dtypes could not share one matrix product. The
+        # gradient reaches each leaf in its own dtype, rounded once.
+        common = functools.reduce(torch.promote_types, [a.dtype for a in alphas])
+        work = noise_dtype(common)
+        states = all_states(dim, device=ref.device, dtype=work)  # (2^D, D)
+        # f gets a copy, each leaf in its own dtype: f may modify its samples in place, and
+        # autograd keeps ``states``
+        parts = states.split(sizes, dim=1)
+        samples = [p.reshape((p.shape[0],) + tuple(a.shape[1:])).to(a.dtype, copy=True)
+                   for p, a in zip(parts, alphas)]
         values = call_f(samples)  # (2^D,)
         n = ref.shape[0]
-        flat_alpha = torch.cat([a.reshape(n, -1) for a in alphas], dim=1)  # (N, D)
-        # in the logits' own precision even under autocast: a bf16 matmul gave the oracle a
-        # 17% error
+        flat_alpha = torch.cat([a.reshape(n, -1).to(work) for a in alphas], dim=1)  # (N, D)
+        # in that precision even under autocast: a bf16 matmul gave the oracle a 17% error
         with no_autocast(ref.device.type):
             log_q = (states @ F.logsigmoid(flat_alpha).T
                      + (1 - states) @ F.logsigmoid(-flat_alpha).T)
-        return (log_q.exp() * values.unsqueeze(1)).sum(0)  # (N,)
+            out = (log_q.exp() * values.unsqueeze(1)).sum(0)  # (N,)
+        return out.to(torch.promote_types(values.dtype, common))
 
 
 def exact_expectation(f: ObjectiveFn, logits: Structure, max_dim: int = MAX_EXACT_DIM):

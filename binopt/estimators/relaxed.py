@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 import torch
 
-from .base import Estimator, register_estimator
+from .._validation import check_finite_number
+from .base import Estimator, SampleShape, register_estimator
 
 
 class _Reparameterized(Estimator):
@@ -29,13 +30,14 @@ class _Reparameterized(Estimator):
     def _estimate(self, call_f: Callable, alphas: list[torch.Tensor]) -> torch.Tensor:
         return call_f([self._relaxed(a) for a in alphas])
 
-    def sample(self, logits: torch.Tensor, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
-        alpha = logits.detach().expand(tuple(sample_shape) + tuple(logits.shape))
-        return self._relaxed(alpha)
+    def sample(self, logits: torch.Tensor, sample_shape: SampleShape = ()) -> torch.Tensor:
+        shape = self._check_sample_args(logits, sample_shape)
+        return self._relaxed(logits.detach().expand(shape + tuple(logits.shape)))
 
-    def rsample(self, logits: torch.Tensor, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
+    def rsample(self, logits: torch.Tensor, sample_shape: SampleShape = ()) -> torch.Tensor:
         """Samples differentiable w.r.t. ``logits``."""
-        return self._relaxed(logits.expand(tuple(sample_shape) + tuple(logits.shape)))
+        shape = self._check_sample_args(logits, sample_shape, "rsample")
+        return self._relaxed(logits.expand(shape + tuple(logits.shape)))
 
 
 @register_estimator(aliases=("st",))
@@ -46,14 +48,16 @@ class StraightThrough(_Reparameterized):
 
     def _relaxed(self, alpha: torch.Tensor) -> torch.Tensor:
         pi = torch.sigmoid(alpha)
-        z = (self._uniform(tuple(alpha.shape), alpha) < pi.detach()).to(alpha.dtype)
+        u = self._uniform(tuple(alpha.shape), alpha)  # at least float32 (see _uniform)
+        p = pi.detach() if pi.dtype == u.dtype else torch.sigmoid(alpha.detach().to(u.dtype))
+        z = (u < p).to(alpha.dtype)
         # z + (pi - pi) keeps the forward value exactly 0/1; (z + pi) - pi would round
         return z + (pi - pi.detach())
 
 
-def _check_positive(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
+def _check_positive(name: str, value: object) -> float:
+    value = check_finite_number(name, value)
+    if value <= 0:
         raise ValueError(f"{name} must be a positive finite number; got {value}")
     return value
 
@@ -75,17 +79,19 @@ class GumbelSigmoid(_Reparameterized):
     def __init__(self, temperature: float = 2.0 / 3.0, hard: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         self.temperature = _check_positive("temperature", temperature)
+        if hard not in (True, False):  # bool("false") is True
+            raise TypeError(f"hard must be a bool; got {hard!r}")
         self.hard = bool(hard)
 
     def _options(self):
         return {"temperature": self.temperature, "hard": self.hard}
 
     def _relaxed(self, alpha: torch.Tensor) -> torch.Tensor:
-        u = self._open_uniform(tuple(alpha.shape), alpha)
-        z = torch.sigmoid((alpha + torch.log(u) - torch.log1p(-u)) / self.temperature)
+        u = self._open_uniform(tuple(alpha.shape), alpha)  # at least float32 (see _uniform)
+        z = torch.sigmoid((alpha.to(u.dtype) + torch.log(u) - torch.log1p(-u)) / self.temperature)
         if self.hard:
             z = (z > 0.5).to(z.dtype) + (z - z.detach())
-        return z
+        return z.to(alpha.dtype)
 
 
 @register_estimator(aliases=("hc", "l0_hc"))
@@ -110,17 +116,18 @@ class HardConcrete(_Reparameterized):
     ) -> None:
         super().__init__(**kwargs)
         self.beta = _check_positive("beta", beta)
+        gamma, zeta = check_finite_number("gamma", gamma), check_finite_number("zeta", zeta)
         if not (gamma < 0.0 and zeta > 1.0):
             raise ValueError(f"hard concrete needs gamma < 0 and zeta > 1; got {gamma}, {zeta}")
-        self.gamma, self.zeta = float(gamma), float(zeta)
+        self.gamma, self.zeta = gamma, zeta
 
     def _options(self):
         return {"beta": self.beta, "gamma": self.gamma, "zeta": self.zeta}
 
     def _relaxed(self, alpha: torch.Tensor) -> torch.Tensor:
-        u = self._open_uniform(tuple(alpha.shape), alpha)
-        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + alpha) / self.beta)
-        return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
+        u = self._open_uniform(tuple(alpha.shape), alpha)  # at least float32 (see _uniform)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + alpha.to(u.dtype)) / self.beta)
+        return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0).to(alpha.dtype)
 
     def prob_nonzero(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits - self.beta * math.log(-self.gamma / self.zeta))

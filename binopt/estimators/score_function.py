@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 import torch
 
-from .base import Estimator, attach_gradient, register_estimator
+from .._validation import check_finite_number
+from .base import Estimator, attach_gradient, noise_dtype, register_estimator
 
 
 @register_estimator(aliases=("score_function", "sf"))
@@ -36,10 +37,11 @@ class REINFORCE(Estimator):
         super().__init__(**kwargs)
         if baseline not in (None, "moving_average"):
             raise ValueError(f"baseline must be None or 'moving_average'; got {baseline!r}")
-        if not 0.0 <= float(decay) < 1.0:
+        decay = check_finite_number("decay", decay)
+        if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1); got {decay}")
         self.baseline = baseline
-        self.decay = float(decay)
+        self.decay = decay
         self.baseline_value: torch.Tensor | None = None
 
     def _options(self):
@@ -60,11 +62,11 @@ class REINFORCE(Estimator):
                 self.baseline_value = self.decay * self.baseline_value + (1 - self.decay) * value
 
     def _estimate(self, call_f: Callable, alphas: list[torch.Tensor]) -> torch.Tensor:
-        probs = [torch.sigmoid(a.detach()) for a in alphas]
-        z = [(self._uniform(tuple(a.shape), a) < p).to(a.dtype) for a, p in zip(alphas, probs)]
+        probs = [torch.sigmoid(a.detach().to(noise_dtype(a.dtype))) for a in alphas]
+        draws = [(self._uniform(tuple(a.shape), a) < p).to(p.dtype) for a, p in zip(alphas, probs)]
         # the scores before f runs: f may legitimately modify its samples in place
-        scores = [zk - p for zk, p in zip(z, probs)]
-        values = call_f(z)
+        scores = [zk - p for zk, p in zip(draws, probs)]
+        values = call_f([zk.to(a.dtype) for zk, a in zip(draws, alphas)])
         centred = values.detach() - self._current_baseline(values)
         coef = [_bcast(centred, sk) * sk for sk in scores]
         return attach_gradient(values, coef, alphas)
@@ -96,13 +98,14 @@ class REINFORCELOO(Estimator):
 
     def _estimate(self, call_f: Callable, alphas: list[torch.Tensor]) -> torch.Tensor:
         k = self.num_samples
-        probs = [torch.sigmoid(a.detach()) for a in alphas]
+        probs = [torch.sigmoid(a.detach().to(noise_dtype(a.dtype))) for a in alphas]
         z = [
-            (self._uniform((k,) + tuple(a.shape), a) < p).to(a.dtype) for a, p in zip(alphas, probs)
+            (self._uniform((k,) + tuple(a.shape), a) < p).to(p.dtype) for a, p in zip(alphas, probs)
         ]
         n = alphas[0].shape[0]
         scores = [zk - p for zk, p in zip(z, probs)]  # before f (see REINFORCE)
-        values = call_f([zk.reshape((k * n,) + zk.shape[2:]) for zk in z]).reshape(k, n)
+        values = call_f([zk.reshape((k * n,) + zk.shape[2:]).to(a.dtype)
+                         for zk, a in zip(z, alphas)]).reshape(k, n)
         fv = values.detach()
         centred = (fv - (fv.sum(0, keepdim=True) - fv) / (k - 1)) / k  # (K, N)
         coef = [(_bcast(centred, sk, lead=2) * sk).sum(0) for sk in scores]

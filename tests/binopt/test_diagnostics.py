@@ -308,3 +308,74 @@ def test_prod_except_single_unit_follows_the_device():
     lens = torch.ones(4, 1, device="meta", dtype=DTYPE)
     out = diagnostics._prod_except(lens, 0)
     assert out.device.type == "meta" and out.dtype == DTYPE and out.shape == (4,)
+
+
+# ------------------------------------------------------------------- edge inputs
+EXACT_VARIANCE = ["reinforce", "reinforce_loo", "arm", "disarm"]
+
+
+@pytest.mark.parametrize("name", EXACT_VARIANCE)
+def test_exact_variance_checks_logits_and_f_like_the_estimators(name):
+    """exact_variance used to take integer logits, turn NaN/inf logits or values into NaN
+    moments without a word, accept integer values, and fail on f's wrong shape without
+    saying what came back (or with a bare device error)."""
+    f = lambda z: ((z - 0.3) ** 2).sum(-1)  # noqa: E731
+    with pytest.raises(TypeError, match=r"logits must have a floating-point dtype; got "
+                                        r"torch.int64"):
+        diagnostics.exact_variance(name, f, torch.tensor([0, 1]))
+    for bad in [float("nan"), float("inf")]:
+        with pytest.raises(ValueError, match=r"logits must be finite; got 1 NaN/inf"):
+            diagnostics.exact_variance(name, f, torch.tensor([0.0, bad], dtype=DTYPE))
+    with pytest.raises(ValueError, match=r"logits\['b'\] must be finite"):
+        diagnostics.exact_variance(
+            name, lambda z: z["a"].sum(-1), {"a": torch.zeros(1), "b": torch.tensor([-math.inf])})
+    with pytest.raises(ValueError, match=r"f must return finite values; got 4 NaN/inf"):
+        diagnostics.exact_variance(name, lambda z: f(z) * math.nan, torch.zeros(2))
+    with pytest.raises(ValueError, match=r"expected shape \(4,\).*; got shape \(4, 2\)"):
+        diagnostics.exact_variance(name, lambda z: z, torch.zeros(2))
+    with pytest.raises(TypeError, match=r"floating-point tensor.*; got dtype torch.int64"):
+        diagnostics.exact_variance(name, lambda z: z.sum(-1).long(), torch.zeros(2))
+    with pytest.raises(TypeError, match=r"torch.Tensor of shape \(4,\).*; got float"):
+        diagnostics.exact_variance(name, lambda z: 1.0, torch.zeros(2))
+    with pytest.raises(ValueError, match=r"f returned a tensor on meta; expected cpu"):
+        diagnostics.exact_variance(
+            name, lambda z: torch.zeros(z.shape[0], device="meta"), torch.zeros(2))
+    with pytest.raises(TypeError, match=r"f must be callable; got int"):
+        diagnostics.exact_variance(name, 3, torch.zeros(2))
+    # value checks follow the estimator's validate_args
+    est = binopt.get_estimator(name, validate_args=False)
+    out = diagnostics.exact_variance(est, f, torch.tensor([0.0, math.nan], dtype=DTYPE))
+    assert torch.isnan(out["mean"]).all()
+
+
+@pytest.mark.parametrize("name", EXACT_VARIANCE)
+def test_exact_variance_of_no_units_and_of_leaves_of_several_dtypes(name):
+    """No unit: empty moments (ARM and DisARM failed inside cartesian_prod). Leaves of
+    different dtypes: f sees each in its own dtype, as from the estimators (all were cast to
+    the first leaf's)."""
+    out = diagnostics.exact_variance(name, lambda z: z.sum(-1) + 1.0, torch.zeros(0))
+    assert out["mean"].shape == (0,) and out["variance"].shape == (0,)
+
+    logits = [torch.tensor([0.4]), torch.tensor([-0.7], dtype=DTYPE)]
+    seen = []
+
+    def f(z):
+        seen.append([leaf.dtype for leaf in z])
+        return (z[0][:, 0].double() - 0.3) ** 2 + z[0][:, 0] * z[1][:, 0]
+
+    out = diagnostics.exact_variance(name, f, logits)
+    assert seen == [[torch.float32, DTYPE]]
+    exact = binopt.exact_grad(f, [leaf.double() for leaf in logits])
+    for got, want in zip(out["mean"], exact):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_monte_carlo_of_one_estimate_has_no_variance():
+    """One estimate says nothing about the spread: NaN (as torch.var), not the 0 it used to
+    report, which reads as an exact estimator."""
+    f = lambda z: ((z - 0.3) ** 2).sum(-1)  # noqa: E731
+    stats = diagnostics.monte_carlo("arm", f, torch.zeros(2, dtype=DTYPE), num_samples=1)
+    assert torch.isnan(stats.variance).all() and torch.isnan(stats.std_error).all()
+    assert torch.isfinite(stats.mean).all()
+    two = diagnostics.monte_carlo("arm", f, torch.zeros(2, dtype=DTYPE), num_samples=2)
+    assert torch.isfinite(two.variance).all()

@@ -542,12 +542,17 @@ def test_exact_grad_under_inference_mode():
 @pytest.mark.parametrize("name", ["arm", "disarm", "reinforce", "reinforce_loo",
                                   "straight_through"])
 @pytest.mark.parametrize("draw", [0.0, 1.0 - 2.0**-24])  # torch.rand's extreme values
-def test_saturated_gates_sample_deterministically(name, draw, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_saturated_gates_sample_deterministically(name, draw, dtype, monkeypatch):
     """``safe_logit`` closes a gate at pi = sigmoid(-87.3), about 1e-38 in float32, not 0.
-    A uniform draw of exactly 0 must not open it, nor the largest draw close an open one."""
-    bound = float(binopt.parameterizations.safe_logit(torch.tensor([1.0]))[0])
-    logits = torch.tensor([-bound, bound])  # closed, open
-    assert torch.sigmoid(logits[0]) > 0  # the case: pi is tiny, not 0
+    A uniform draw of exactly 0 must not open it, nor the largest draw close an open one.
+    In half precision the bound is float32's too, since the noise is compared in float32
+    (float16's own bound, 9.7, would leave a closed gate open with probability 6e-5)."""
+    logits = binopt.parameterizations.safe_logit(torch.tensor([0.0, 1.0], dtype=dtype))
+    assert logits.dtype == dtype  # closed, open
+    bound = -math.log(torch.finfo(torch.float32).tiny)
+    assert float(logits[1]) == pytest.approx(bound, abs=0.2) == -float(logits[0])
+    assert torch.sigmoid(logits[0].float()) > 0  # the case: pi is tiny, not 0
     monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.full(
         shape, draw, dtype=kw.get("dtype"), device=kw.get("device")))
     seen = []
@@ -572,6 +577,32 @@ def test_relaxed_estimators_reject_an_f_not_differentiable_in_z(name):
         make(name, 0).surrogate(lambda z: torch.ones(z.shape[0]), logits)
     # a score-function estimator takes such an f
     make("arm", 0).grad(lambda z: (z > 0.5).sum(-1).float(), torch.zeros(3))
+
+
+@pytest.mark.parametrize("name", ["gumbel", "hard_concrete", "straight_through"])
+def test_relaxed_estimators_reject_an_f_not_differentiable_in_z_but_in_theta(name):
+    """With a parameter inside f, f's values require grad although they do not depend on
+    the samples: the logits used to get a silent zero gradient (None after backward)."""
+    theta = torch.tensor(2.0, requires_grad=True)
+    logits = torch.zeros(3, requires_grad=True)
+    for f in [lambda z: theta * (z > 0.5).sum(-1).float(),
+              lambda z: theta * z.detach().sum(-1)]:
+        with pytest.raises(ValueError, match="differentiates f through its samples"):
+            make(name, 0).grad(f, logits)
+        with pytest.raises(ValueError, match="differentiates f through its samples"):
+            make(name, 0).surrogate(f, logits)
+    # f using only one leaf of a structure, or modifying its samples in place, is fine
+    make(name, 0).surrogate(lambda z: theta * z[1].sum(-1), [logits, logits * 2]).backward()
+    assert logits.grad is not None and (logits.grad != 0).any()
+
+    def in_place(z):
+        z = z.clone() if name != "straight_through" else z  # (autograd saved the sigmoid)
+        return (z.mul_(2) * theta).sum(-1)
+
+    make(name, 0).grad(in_place, logits)
+    # the check walks f's graph, so it follows validate_args; without, the zero is silent
+    est = binopt.get_estimator(name, validate_args=False)
+    assert (est.grad(lambda z: theta * z.detach().sum(-1), logits) == 0).all()
 
 
 def test_namedtuple_logits():

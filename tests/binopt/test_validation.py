@@ -226,6 +226,7 @@ def test_generator_of_wrong_type(gen):
     [
         (lambda: binopt.REINFORCE(baseline="mean"), ValueError, r"baseline must be None or 'mov"),
         (lambda: binopt.REINFORCE(decay=1.0), ValueError, r"decay must be in \[0, 1\); got 1.0"),
+        (lambda: binopt.REINFORCE(decay="slow"), TypeError, r"decay must be a number; got 'sl"),
         (lambda: binopt.REINFORCELOO(num_samples=1), ValueError, r"int num_samples >= 2; got 1"),
         (lambda: binopt.REINFORCELOO(num_samples=2.0), ValueError, r">= 2; got 2.0"),
         (
@@ -241,11 +242,60 @@ def test_generator_of_wrong_type(gen):
             r"gamma < 0 and zeta > 1; got 0.1, 1.1",
         ),
         (lambda: binopt.HardConcrete(zeta=0.9), ValueError, r"got -0.1, 0.9"),
+        # non-finite or non-numeric stretch limits used to pass (and gave NaN gates)
+        (lambda: binopt.HardConcrete(gamma=-float("inf")), ValueError,
+         r"gamma must be a finite number; got -inf"),
+        (lambda: binopt.HardConcrete(zeta=float("inf")), ValueError,
+         r"zeta must be a finite number; got inf"),
+        (lambda: binopt.HardConcrete(gamma="low"), TypeError,
+         r"gamma must be a number; got 'low'"),
+        (lambda: binopt.GumbelSigmoid(temperature=None), TypeError,
+         r"temperature must be a number; got None"),
+        # bool("false") is True: a string used to switch the hard forward pass on
+        (lambda: binopt.GumbelSigmoid(hard="false"), TypeError, r"hard must be a bool; got 'f"),
+        # int(2.5) == 2, int(True) == 1 and a negative limit used to be taken silently
+        (lambda: binopt.Exact(max_dim=2.5), TypeError, r"max_dim must be an int.*; got 2.5"),
+        (lambda: binopt.Exact(max_dim=True), TypeError, r"max_dim must be an int.*; got True"),
+        (lambda: binopt.Exact(max_dim=-1), ValueError, r"max_dim must be >= 0; got -1"),
     ],
 )
 def test_estimator_options(make, exc, pattern):
     with pytest.raises(exc, match=pattern):
         make()
+
+
+def test_estimator_options_still_accepted():
+    assert binopt.GumbelSigmoid(hard=1).hard is True
+    assert binopt.HardConcrete(gamma=torch.tensor(-0.25), zeta=2).gamma == -0.25
+    assert binopt.Exact(max_dim=0).max_dim == 0
+
+
+# --------------------------------------------------------------------- sample / rsample
+@pytest.mark.parametrize("name", ALL)
+def test_sample_checks_its_arguments(name, validation_on):
+    """sample() is a public entry point too: it used to fail with torch's internals on
+    integer logits ('check_uniform_bounds' not implemented for 'Long') and to sample NaN
+    logits silently (ARM as closed gates, the relaxations as NaN)."""
+    est = binopt.get_estimator(name)
+    methods = [est.sample] + ([est.rsample] if hasattr(est, "rsample") else [])
+    for method in methods:
+        with pytest.raises(TypeError, match=r"logits must have a floating-point dtype; got "
+                                            r"torch.int64"):
+            method(torch.tensor([0, 1]))
+        with pytest.raises(ValueError, match=r"logits must be finite; got 1 NaN/inf"):
+            method(torch.tensor([0.0, float("nan")]))
+        with pytest.raises(TypeError, match=rf"{type(est).__name__}.{method.__name__} takes "
+                                            r"one tensor of logits; got list"):
+            method([torch.zeros(2)])
+        with pytest.raises(TypeError, match=r"sample_shape must be a tuple of non-negative "
+                                            r"ints \(or one int\); got \(2.0,\)"):
+            method(torch.zeros(2), (2.0,))
+        with pytest.raises(TypeError, match=r"sample_shape must be .*; got \(-1,\)"):
+            method(torch.zeros(2), (-1,))
+        assert method(torch.zeros(2), 3).shape == (3, 2)  # an int n means (n,)
+        assert method(torch.zeros(2), torch.Size([2, 1])).shape == (2, 1, 2)
+    # value checks follow validate_args
+    binopt.get_estimator(name, validate_args=False).sample(torch.tensor([float("nan")]))
 
 
 def test_exact_max_dim():
