@@ -77,7 +77,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..atomic_files import atomic_write, write_synced
-from .layers import L0Conv2d, L0Layer, L0Linear, SampleBatchNorm1d, SampleBatchNorm2d
+from .layers import (
+    L0Conv2d,
+    L0Layer,
+    L0Linear,
+    SampleBatchNorm1d,
+    SampleBatchNorm2d,
+    sequence_steps,
+)
 from .models import WideBasicBlock, WideResNet
 from .network import GatedNetwork
 
@@ -211,8 +218,8 @@ class ExportedModel:
     spec : dict
         JSON-able architecture: ``{"format", "version", "kind": "sequential" | "wide_resnet",
         "layers"`` (or ``"stem"``, ``"blocks"``, ``"bn"``, ``"fc"``) ``, "input_shape",
-        "widths", "num_params", "source_num_params"}``. :func:`build_from_spec` rebuilds
-        ``module`` from it.
+        "widths", "num_params", "source_num_params", "dtype"}`` (``dtype``: the source's,
+        e.g. ``"float64"``). :func:`build_from_spec` rebuilds ``module`` from it.
     max_abs_diff : float or None
         Largest difference between the exported and the gated model's eval outputs on a
         random batch, when :func:`export` could check it (``input_shape`` known).
@@ -366,8 +373,9 @@ def build_from_spec(spec: dict[str, Any]) -> nn.Module:
     Returns
     -------
     nn.Module
-        In eval mode, float32 on the CPU; ``load_state_dict`` with the exported state dict
-        restores the weights.
+        In eval mode, on the CPU, in the spec's ``dtype`` (float32 for a spec without one,
+        written before binopt recorded it); ``load_state_dict`` with the exported state
+        dict restores the weights.
     """
     if spec.get("format", SPEC_FORMAT) != SPEC_FORMAT:
         raise ExportError(f"not a binopt export spec (format {spec.get('format')!r})")
@@ -383,7 +391,17 @@ def build_from_spec(spec: dict[str, Any]) -> nn.Module:
             module = PrunedWideResNet(spec)
         else:
             raise ExportError(f"unknown export spec kind {spec['kind']!r}")
-    return module.eval()
+    return module.to(_spec_dtype(spec)).eval()
+
+
+def _spec_dtype(spec: dict[str, Any]) -> torch.dtype:
+    """The floating dtype a spec records (``"float64"``, ...); float32 when it has none."""
+    name = spec.get("dtype", "float32")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ExportError(f"export spec dtype must name a floating torch dtype such as "
+                          f"'float32' or 'float64'; got {name!r}")
+    return dtype
 
 
 # ====================================================================== analysis of a chain
@@ -477,9 +495,11 @@ def _to_op(name: str, m: nn.Module) -> _Op:
 
 
 def _chain(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """The layers of ``module`` in call order, nested Sequentials flattened; a module reused
+    at several positions is listed (and exported) at each of them."""
     if type(module) is nn.Sequential:
         out: list[tuple[str, nn.Module]] = []
-        for child_name, child in module.named_children():
+        for child_name, child in sequence_steps(module):
             out += _chain(child, f"{prefix}.{child_name}" if prefix else child_name)
         return out
     return [(prefix or type(module).__name__, module)]
@@ -931,7 +951,8 @@ def export(
         spec, state = _export_sequential(module, input_shape)
     spec["num_params"] = spec_num_params(spec)
     spec["source_num_params"] = _count_source_params(module)
-    exported = build_from_spec(spec).to(device=device, dtype=dtype)
+    spec["dtype"] = str(dtype).removeprefix("torch.")  # load_exported rebuilds in it
+    exported = build_from_spec(spec).to(device=device)
     state = {
         k: (t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device))
         for k, t in state.items()
@@ -1143,7 +1164,8 @@ def load_exported(path: str | Path, map_location: str | torch.device = "cpu") ->
     Returns
     -------
     nn.Module
-        The exported module with its weights, in eval mode.
+        The exported module with its weights, in eval mode, in the dtype of the network it
+        was exported from (the spec's ``dtype``; float32 for specs without one).
 
     Raises
     ------

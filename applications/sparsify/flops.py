@@ -38,7 +38,11 @@ def count_params(module: nn.Module) -> int:
     return int(sum(p.numel() for p in module.parameters() if id(p) not in gate_ids))
 
 
-def count_flops(module: nn.Module, input_shape: tuple[int, ...] | Sequence[int]) -> int:
+def count_flops(
+    module: nn.Module,
+    input_shape: tuple[int, ...] | Sequence[int],
+    dtype: torch.dtype | None = None,
+) -> int:
     """Multiply-accumulates per example of the Linear and Conv2d layers of ``module``.
 
     Runs one example of zeros of shape ``(1, *input_shape)`` in eval mode (restored
@@ -56,6 +60,9 @@ def count_flops(module: nn.Module, input_shape: tuple[int, ...] | Sequence[int])
     module : nn.Module
     input_shape : tuple of int
         Shape of one example, without the batch dimension.
+    dtype : torch.dtype, optional
+        Of the example: that of the inputs (``torch.int64`` for a model that starts with
+        an ``nn.Embedding``); default the dtype of the module's first parameter.
 
     Returns
     -------
@@ -80,7 +87,8 @@ def count_flops(module: nn.Module, input_shape: tuple[int, ...] | Sequence[int])
         elif isinstance(m, nn.Conv2d):
             handles.append(m.register_forward_hook(conv_hook))
     first = next(iter(module.parameters()), None)
-    dtype = first.dtype if first is not None else torch.get_default_dtype()
+    if dtype is None:
+        dtype = first.dtype if first is not None else torch.get_default_dtype()
     device = first.device if first is not None else torch.device("cpu")
     modes = [(m, m.training) for m in module.modules()]
     try:

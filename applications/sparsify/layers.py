@@ -246,6 +246,16 @@ def _rows(needed: np.ndarray | None, s: int | None) -> np.ndarray | None:
     return None if len(rows) >= DENSE_FRACTION * len(mask) else rows
 
 
+def sequence_steps(module: nn.Sequential) -> list[tuple[str, nn.Module]]:
+    """``(name, child)`` of every step of ``module``, in the order its forward runs them.
+
+    Unlike ``named_children`` (which lists a module once, under its first name), a child
+    that appears at several positions (one ``nn.ReLU()`` instance reused, a layer applied
+    twice) is listed at each of them, as ``nn.Sequential.forward`` calls it.
+    """
+    return [(name, child) for name, child in module._modules.items() if child is not None]
+
+
 #: Pooling modules: unit-wise over channels only when channels have their own dimension.
 POOLING = (
     nn.MaxPool1d,

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import DENSE_FRACTION, L0Linear, _take
+from .layers import DENSE_FRACTION, L0Linear, _take, sequence_steps
 from .layers import _tensor as _index
 
 __all__ = ["SlicedLinearChain"]
@@ -141,10 +141,11 @@ class SlicedLinearChain:
     def from_module(cls, module: nn.Module) -> SlicedLinearChain | None:
         """The chain of ``module``, or ``None`` unless it is an ``nn.Sequential`` of an
         optional ``nn.Flatten()``, then :class:`L0Linear` layers (input gates or none)
-        separated by one ``nn.ReLU()`` each, with at least one gated layer."""
+        separated by one ``nn.ReLU()`` each, with at least one gated layer, none of them at
+        two positions (a ``nn.ReLU()`` instance may be reused)."""
         if type(module) is not nn.Sequential:
             return None
-        children = list(module.named_children())
+        children = sequence_steps(module)
         flatten = False
         if children and type(children[0][1]) is nn.Flatten:
             f = children[0][1]
@@ -170,6 +171,8 @@ class SlicedLinearChain:
             if a.out_features != b.in_features:
                 return None
         if not any(n is not None for n in names):
+            return None
+        if len({id(layer) for layer in layers}) != len(layers):  # a layer applied twice
             return None
         return cls(layers, names, flatten)
 

@@ -6,7 +6,8 @@
 - :class:`WideResNet`: WRN-depth-width; gates on the output channels of the FIRST
   convolution of each residual block (as in L0-ARM / Louizos et al.).
 - :func:`to_l0`: replace ``nn.Linear`` / ``nn.Conv2d`` / ``nn.BatchNorm1d`` / ``nn.BatchNorm2d``
-  of any module by their gated (or sample-aware) counterparts, copying the weights.
+  of any module by their gated (or sample-aware) counterparts, which take over the weights
+  (ties included); layers whose behaviour an L0 layer would not reproduce stay as they are.
 
 MLP and LeNet-5 are plain ``nn.Sequential`` chains, so the same export code serves them and
 users' own Sequential models.
@@ -172,6 +173,31 @@ _SAMPLE_BATCHNORM: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm2d: SampleBatchNorm2d,
 }
 
+#: Modules whose forward reads the weights of their Linear layers instead of calling them,
+#: so that gates on those layers would have no effect: :func:`to_l0` keeps them whole.
+#: ``nn.MultiheadAttention`` always passes ``out_proj.weight`` to a functional kernel;
+#: ``nn.TransformerEncoderLayer`` does so for ``linear1`` / ``linear2`` too in its
+#: inference fast path (eval mode without autograd).
+KEPT_WHOLE: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+
+
+def _reproducible(m: nn.Module, base: type[nn.Module], methods: tuple[str, ...]) -> bool:
+    """Whether an L0 layer computes what ``m`` (an instance of ``base``) computes.
+
+    Not so for a subclass that overrides one of ``methods`` (its own ``forward``), a
+    parametrized layer (``torch.nn.utils.parametrize``: the weight is computed, e.g. weight
+    normalisation) or one with forward hooks (the old hook-based ``weight_norm`` and
+    ``spectral_norm``): a copy into an L0 layer would silently drop that behaviour.
+    """
+    cls = type(m)
+    if any(getattr(cls, name) is not getattr(base, name) for name in methods):
+        return False
+    if torch.nn.utils.parametrize.is_parametrized(m):
+        return False
+    if m._forward_hooks or m._forward_pre_hooks:
+        return False
+    return isinstance(m.weight, nn.Parameter)
+
 
 def to_l0(module: nn.Module, gate_linear: bool = True, gate_conv: bool = True, **gate_options):
     """Return a copy of ``module`` whose Linear/Conv2d/BatchNorm layers are the L0 ones.
@@ -179,9 +205,19 @@ def to_l0(module: nn.Module, gate_linear: bool = True, gate_conv: bool = True, *
     ``nn.Linear`` becomes :class:`L0Linear` (gates on inputs), ``nn.Conv2d`` (groups=1,
     dilation=1) becomes :class:`L0Conv2d` (gates on output channels), ``nn.BatchNorm1d`` /
     ``nn.BatchNorm2d`` become :class:`SampleBatchNorm1d` / :class:`SampleBatchNorm2d`
-    (batch statistics per stacked gate sample); weights and buffers are copied. Every new
-    layer, its gate parameters included, takes the device and floating dtype of the layer
-    it replaces, so a float64 or CUDA model stays one. Anything else is kept as it is.
+    (batch statistics per stacked gate sample). The new layers take over the layers'
+    parameters (of the copy), so weights tied between layers (a language model's
+    embedding and output layer) stay tied, and a layer used at several places stays one
+    layer (one set of gates). Every new layer, its gate parameters included, takes the
+    device and floating dtype of the layer it replaces, so a float64 or CUDA model stays
+    one, and its train/eval mode.
+
+    Anything else is kept as it is, and so are, ungated: layers whose forward an L0 layer
+    would not reproduce (a subclass of ``nn.Linear`` / ``nn.Conv2d`` with its own
+    ``forward``, a parametrized layer such as ``weight_norm``, a layer with forward hooks),
+    subclasses of the BatchNorm classes, and the modules of :data:`KEPT_WHOLE`
+    (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``), which read their Linear
+    layers' weights without calling them, so that gates there would have no effect.
 
     Parameters
     ----------
@@ -196,31 +232,56 @@ def to_l0(module: nn.Module, gate_linear: bool = True, gate_conv: bool = True, *
     -------
     nn.Module
         The converted copy.
+
+    Raises
+    ------
+    TypeError
+        ``module`` is not an ``nn.Module``.
+    ValueError
+        A ``nn.Conv2d`` with ``groups != 1``, ``dilation != 1`` or a padding mode other
+        than ``'zeros'``, or a lazy layer (``nn.LazyLinear``, ...) whose parameters are not
+        initialised yet; the message names the layer.
     """
     import copy
 
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"to_l0 expects an nn.Module; got {type(module).__name__}")
     module = copy.deepcopy(module)
+    done: dict[int, nn.Module] = {}  # a module reused at several places is converted once
 
-    def convert(m: nn.Module) -> nn.Module:
+    def where(name: str, m: nn.Module) -> str:
+        return f"layer {name or '(the model itself)'!r} ({type(m).__name__})"
+
+    def new_layer(name: str, m: nn.Module) -> nn.Module:
+        lazy = isinstance(m, nn.modules.lazy.LazyModuleMixin)
+        if lazy and m.has_uninitialized_params():
+            raise ValueError(
+                f"to_l0 cannot convert {where(name, m)}: its parameters are not initialised "
+                "yet; run the model on one batch before converting it"
+            )
         if isinstance(m, nn.Linear) and not isinstance(m, L0Linear):
+            if not _reproducible(m, nn.Linear, ("forward",)):
+                return m
             new = _like(L0Linear(
                 m.in_features, m.out_features, bias=m.bias is not None, gated=gate_linear,
                 **gate_options,
             ), m)
-            new.weight.data.copy_(m.weight.data)
-            if m.bias is not None:
-                new.bias.data.copy_(m.bias.data)
+            new.weight, new.bias = m.weight, m.bias
             return new
         if isinstance(m, nn.Conv2d):
+            if not _reproducible(m, nn.Conv2d, ("forward", "_conv_forward")):
+                return m
             if m.groups != 1 or m.dilation != (1, 1) or m.padding_mode != "zeros":
                 raise ValueError(
-                    f"to_l0 supports Conv2d with groups=1, dilation=1 and zero padding; got {m}"
+                    f"to_l0 cannot convert {where(name, m)}: L0Conv2d supports groups=1, "
+                    f"dilation=1 and padding_mode='zeros'; got groups={m.groups}, "
+                    f"dilation={tuple(m.dilation)}, padding_mode={m.padding_mode!r}"
                 )
             new = _like(L0Conv2d(
                 m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
                 bias=m.bias is not None, gated=gate_conv, **gate_options,
             ), m)
-            new.conv.load_state_dict(m.state_dict())
+            new.conv.weight, new.conv.bias = m.weight, m.bias
             return new
         # exact types only: a subclass may change forward in ways a copy would lose
         bn_class = _SAMPLE_BATCHNORM.get(type(m))
@@ -229,11 +290,19 @@ def to_l0(module: nn.Module, gate_linear: bool = True, gate_conv: bool = True, *
                                  m.track_running_stats), m)
             new.load_state_dict(m.state_dict())
             return new
-        for name, child in m.named_children():
-            setattr(m, name, convert(child))
+        if not isinstance(m, KEPT_WHOLE):
+            for child_name, child in list(m._modules.items()):
+                if child is not None:  # every place a child is used, repeats included
+                    setattr(m, child_name, convert(f"{name}.{child_name}" if name
+                                                   else child_name, child))
         return m
 
-    return convert(module)
+    def convert(name: str, m: nn.Module) -> nn.Module:
+        if id(m) not in done:
+            done[id(m)] = new_layer(name, m)
+        return done[id(m)]
+
+    return convert("", module)
 
 
 def _like(new: nn.Module, old: nn.Module) -> nn.Module:

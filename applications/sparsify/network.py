@@ -50,6 +50,7 @@ from .layers import (
     SampleBatchNorm,
     apply_module,
     flatten_branch,
+    sequence_steps,
 )
 from .linear_chain import SlicedLinearChain
 
@@ -526,12 +527,19 @@ def _chain_plan(module: nn.Module) -> list[_Step] | None:
     :class:`L0Conv2d`, ``nn.Flatten()`` and the unit-wise modules of
     :data:`ZERO_PRESERVING` (not in-place). A step is ``(kind, gated name, module,
     look-ahead)``; the look-ahead of a linear layer names the input-gated linear layer that
-    reads its outputs through :data:`ELEMENTWISE` modules only.
+    reads its outputs through :data:`ELEMENTWISE` modules only. Every position of the chain
+    is a step, a module reused at several positions (one ``nn.ReLU()`` instance) included;
+    a layer with weights reused that way has no sliced pass (``None``).
     """
     if type(module) is not nn.Sequential:
         return None
     steps: list[_Step] = []
-    for name, child in module.named_children():
+    seen_layers: set[int] = set()
+    for name, child in sequence_steps(module):
+        if isinstance(child, (L0Linear, L0Conv2d)):
+            if id(child) in seen_layers:  # its gates are named after its first position
+                return None
+            seen_layers.add(id(child))
         gated = name if isinstance(child, L0Layer) and child.gate is not None else None
         if isinstance(child, L0Linear):
             if gated and child.gate_target != "input":

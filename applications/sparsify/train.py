@@ -515,7 +515,8 @@ def _check_data_fits(net: GatedNetwork, datasets: tuple, device: torch.device) -
     net.eval()
     try:
         out = net(x)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        # (a wrong dtype or shape, a module handed a tuple, a token id beyond an embedding)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"the model cannot take the data's inputs of shape "
                           f"{tuple(x.shape[1:])}: {first}") from None
@@ -1300,12 +1301,15 @@ def _gated_weights_kept(net: GatedNetwork) -> float:
 
 
 # =============================================================================== compression
-def _estimate_counts(net: GatedNetwork, input_shape, device) -> dict[str, int]:
+def _estimate_counts(net: GatedNetwork, input_shape, device,
+                     input_dtype: torch.dtype | None = None) -> dict[str, int]:
     """Fallback params/FLOPs counts from the test-time gates (no export module needed).
 
     Counts the weights (and multiply-accumulates) of every Linear/Conv2d; for a gated
     layer only the groups of its kept units. Units whose removal is implied in a
     neighbouring layer are not removed, so this slightly overestimates what an export keeps.
+    The dummy example has ``input_dtype`` (that of the data: integer token ids for a model
+    starting with an embedding), by default the dtype of the first floating parameter.
     """
     from .layers import L0Conv2d, L0Linear
 
@@ -1346,7 +1350,11 @@ def _estimate_counts(net: GatedNetwork, input_shape, device) -> dict[str, int]:
     net.eval()
     try:
         with torch.no_grad():
-            net(torch.zeros((1, *input_shape), device=device))
+            if input_dtype is None:
+                param = next((p for p in net.module.parameters() if p.is_floating_point()),
+                             None)
+                input_dtype = param.dtype if param is not None else torch.get_default_dtype()
+            net(torch.zeros((1, *input_shape), dtype=input_dtype, device=device))
     finally:
         for h in hooks:
             h.remove()
@@ -1361,9 +1369,10 @@ def _unit_fraction(layer) -> float:
 
 
 def _compression(net: GatedNetwork, dense: nn.Module, input_shape, device,
-                 folder: Path) -> dict[str, Any]:
+                 folder: Path, input_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """``params_kept_fraction`` and ``flops_kept_fraction``, from the exported module when
-    :mod:`.export` and :mod:`.flops` exist, else estimated from the kept units."""
+    :mod:`.export` and :mod:`.flops` exist, else estimated from the kept units.
+    ``input_dtype`` is that of the data (the dummy examples that count FLOPs)."""
     result: dict[str, Any] = {}
     if _CTX.is_main:  # a failed export below must not leave the previous one looking current
         _remove_files(folder / EXPORT_DIR, EXPORT_FILES)
@@ -1382,8 +1391,8 @@ def _compression(net: GatedNetwork, dense: nn.Module, input_shape, device,
             dense.eval()
             params = count_params(exported.module)
             params_dense = count_params(dense)
-            flops = count_flops(exported.module, tuple(input_shape))
-            flops_dense = count_flops(dense, tuple(input_shape))
+            flops = count_flops(exported.module, tuple(input_shape), input_dtype)
+            flops_dense = count_flops(dense, tuple(input_shape), input_dtype)
             if _CTX.is_main:
                 save_exported(exported, folder / EXPORT_DIR)
             result.update(
@@ -1400,7 +1409,7 @@ def _compression(net: GatedNetwork, dense: nn.Module, input_shape, device,
                           "params/FLOPs kept are estimated from the kept units instead",
                           RuntimeWarning, stacklevel=2)
             result["export_error"] = f"{type(exc).__name__}: {exc}"
-    c = _estimate_counts(net, input_shape, device)
+    c = _estimate_counts(net, input_shape, device, input_dtype)
     result.update(
         params_kept=c["params"], params_dense=c["params_dense"],
         flops_kept=c["flops"], flops_dense=c["flops_dense"],
@@ -1432,11 +1441,14 @@ def train(config: TrainConfig, *,
     module : nn.Module, optional
         Your own network instead of ``config.model`` (which then only labels the run).
         Without L0 layers it is converted by :func:`~.models.to_l0` (gates on the inputs
-        of every Linear and the output channels of every Conv2d, weights copied); with
-        L0 layers it is used as it is. It is copied, never modified. The dense baseline
-        is the same network without gates, starting from the same weights.
+        of every Linear and the output channels of every Conv2d; tied weights stay tied;
+        the layers it keeps ungated are listed there); with L0 layers it is used as it
+        is. It is copied, never modified. The dense baseline is the same network without
+        gates, starting from the same weights. A network that export cannot shrink still
+        trains: the summary then holds ``export_error`` and estimated counts.
     data : DatasetSplits or (TensorDataset, TensorDataset), optional
-        Your own ``(train, test)`` data instead of ``config.dataset``: float inputs and
+        Your own ``(train, test)`` data instead of ``config.dataset``: inputs in the
+        model's dtype (or integer token ids for a model starting with an embedding) and
         int64 class labels ``0 .. C-1``.
 
     Returns
@@ -1594,7 +1606,8 @@ def _train(config: TrainConfig, device: torch.device, out: Path,
         dense_module = dense_net.module
     if dense_only:
         return _dense_summary(config, net, dense_history, dense_time, dense_module, input_shape,
-                              num_train, val_ds, test_ds, device, out, t_start, dense_changes)
+                              num_train, val_ds, test_ds, device, out, t_start, dense_changes,
+                              train_ds.tensors[0].dtype)
 
     last = history[-1]
     kept = net.kept_units()
@@ -1619,7 +1632,8 @@ def _train(config: TrainConfig, device: torch.device, out: Path,
         kept_units=kept,
         total_units=total_units,
     )
-    summary.update(_compression(net, dense_module, input_shape, device, out))
+    summary.update(_compression(net, dense_module, input_shape, device, out,
+                                train_ds.tensors[0].dtype))
     summary.update(
         expected_kept_fraction=net.expected_kept_fraction(),
         gated_weights_kept_fraction=_gated_weights_kept(net),
@@ -1638,13 +1652,14 @@ def _train(config: TrainConfig, device: torch.device, out: Path,
 
 
 def _dense_summary(config, gated_net, history, train_time, dense_module, input_shape, num_train,
-                   val_ds, test_ds, device, out, t_start, changes) -> dict[str, Any]:
+                   val_ds, test_ds, device, out, t_start, changes,
+                   input_dtype: torch.dtype | None = None) -> dict[str, Any]:
     from .flops import count_flops, count_params
 
     last = history[-1]
     total_units = {n: layer.gate.num_units for n, layer in gated_net.gated_layers().items()}
     params = count_params(dense_module)
-    flops = count_flops(dense_module, tuple(input_shape))
+    flops = count_flops(dense_module, tuple(input_shape), input_dtype)
     summary: dict[str, Any] = {"test_error": last["test_error"]}
     if "val_error" in last:
         summary["val_error"] = last["val_error"]

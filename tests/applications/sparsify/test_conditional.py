@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from applications.sparsify.layers import L0Conv2d, L0Linear, SampleBatchNorm2d
+from applications.sparsify.linear_chain import SlicedLinearChain
 from applications.sparsify.models import WideResNet, lenet5_caffe, mlp
 from applications.sparsify.network import GatedNetwork, _chain_plan, conditional_is_exact
 
@@ -53,7 +54,23 @@ def _models() -> dict[str, tuple]:
             (4, 2, 8, 8),
             3,
         ),
+        # one nn.ReLU() instance at two places: Sequential runs it at both (a sliced pass
+        # that lists children by named_children() skips the second)
+        "shared_relu": (_shared_relu_mlp, (6, 1, 4, 4), 3),
+        # one gated layer applied twice (its gates shared): the masked path, one set of gates
+        "reused_layer": (_reused_layer_mlp, (6, 7), 3),
     }
+
+
+def _shared_relu_mlp() -> nn.Sequential:
+    act = nn.ReLU()
+    return nn.Sequential(nn.Flatten(), L0Linear(16, 12), act, L0Linear(12, 10), act,
+                         L0Linear(10, 3))
+
+
+def _reused_layer_mlp() -> nn.Sequential:
+    twice = L0Linear(7, 7)
+    return nn.Sequential(twice, nn.ReLU(), twice, nn.Tanh(), L0Linear(7, 3))
 
 
 MODELS = _models()
@@ -150,6 +167,12 @@ def test_sequential_models_take_the_sliced_pass():
     assert _chain_plan(nn.Sequential(L0Linear(3, 2), nn.Dropout(0.1))) is None
     assert _chain_plan(nn.Sequential(L0Linear(3, 2), nn.ReLU(inplace=True))) is None
     assert _chain_plan(nn.Sequential(L0Linear(3, 4, gate="weight"), L0Linear(4, 2))) is None
+    # a module reused at two places is a step at both; a reused layer has no sliced pass
+    plan = _chain_plan(MODELS["shared_relu"][0]())
+    assert [kind for kind, *_ in plan] == ["flatten", "layer", "unit", "layer", "unit", "layer"]
+    assert SlicedLinearChain.from_module(MODELS["shared_relu"][0]()) is not None
+    assert _chain_plan(MODELS["reused_layer"][0]()) is None
+    assert SlicedLinearChain.from_module(MODELS["reused_layer"][0]()) is None
 
 
 def test_linear_look_ahead_skips_outputs_gated_off_next():
