@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import math
@@ -82,11 +83,124 @@ def parse_estimator_list(text: str | Sequence[str]) -> list[EstimatorSpec]:
     specs = [parse_estimator_spec(t) for t in items if t.strip()]
     if not specs:
         raise UserError("no estimator given")
-    labels = [s.label for s in specs]
-    dup = sorted({x for x in labels if labels.count(x) > 1})
+    dup = duplicated([s.label for s in specs])
     if dup:
         raise UserError(f"estimator listed twice: {', '.join(dup)}")
     return specs
+
+
+#: What ``--import`` says in ``--help``.
+IMPORT_HELP = (
+    "import this module first, for the estimators it registers with "
+    "binopt.register_estimator: a dotted name importable from the current folder or "
+    "PYTHONPATH, or the path of a .py file (repeatable)"
+)
+
+
+def add_import_option(parser: argparse.ArgumentParser) -> None:
+    """``--import MODULE_OR_FILE`` (repeatable, into ``args.imports``): see
+    :func:`import_modules`."""
+    parser.add_argument("--import", dest="imports", action="extend", nargs="+", default=None,
+                        metavar="MODULE_OR_FILE", help=IMPORT_HELP)
+
+
+def duplicated(labels: Sequence[str]) -> list[str]:
+    """The labels listed more than once, sorted."""
+    return sorted({x for x in labels if labels.count(x) > 1})
+_UNKNOWN_HINT = (
+    "; an estimator of your own becomes available once its module, which registers it with "
+    "binopt.register_estimator, is loaded with --import MODULE_OR_FILE"
+)
+
+
+def import_modules(modules: Sequence[str] | None, option: str = "--import") -> list[str]:
+    """Import user modules for their side effects (registering estimators), in order.
+
+    Parameters
+    ----------
+    modules : sequence of str, optional
+        Dotted module names, importable from the current folder (as with ``python -m``) or
+        ``sys.path``, or paths of ``.py`` files (anything ending in ``.py`` or containing a
+        path separator).
+    option : str
+        The option named in error messages.
+
+    Returns
+    -------
+    list of str
+        The names the modules were imported under.
+
+    Raises
+    ------
+    UserError
+        A file that does not exist or a module that cannot be found. Errors raised while
+        the module runs propagate with their traceback: they are bugs in the module.
+    """
+    import importlib
+    import importlib.util
+
+    names = []
+    for text in modules or ():
+        text = text.strip()
+        if not text:
+            raise UserError(f"{option} needs a module name or the path of a .py file; got ''")
+        if text.endswith(".py") or os.sep in text or "/" in text:
+            path = Path(text).expanduser()
+            if not path.is_file():
+                raise UserError(f"{option} {text}: no such file")
+            name = path.stem
+            loaded = sys.modules.get(name)
+            if loaded is not None and Path(getattr(loaded, "__file__", "") or "") != path.resolve():
+                raise UserError(
+                    f"{option} {text}: a module named {name!r} is already imported from "
+                    f"{getattr(loaded, '__file__', None) or 'elsewhere'}; rename the file"
+                )
+            if loaded is None:
+                spec = importlib.util.spec_from_file_location(name, path.resolve())
+                if spec is None or spec.loader is None:
+                    raise UserError(f"{option} {text}: not a loadable Python file")
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[name]
+                    raise
+            names.append(name)
+            continue
+        # like ``python -m``: the current folder first, for the time of the import
+        cwd = os.getcwd()
+        added = cwd not in sys.path
+        if added:
+            sys.path.insert(0, cwd)
+        try:
+            importlib.import_module(text)
+        except ModuleNotFoundError as exc:
+            parts = text.split(".")
+            if exc.name not in {".".join(parts[: k + 1]) for k in range(len(parts))}:
+                raise  # a module that the user's module imports: a bug there, with traceback
+            raise UserError(
+                f"{option} {text}: no module named {exc.name!r} in the current folder or on "
+                "PYTHONPATH (give a dotted module name or the path of a .py file)"
+            ) from None
+        finally:
+            if added and sys.path and sys.path[0] == cwd:
+                del sys.path[0]
+        names.append(text)
+    return names
+
+
+def parse_cli_estimators(text: str, option: str = "--estimators",
+                         single: bool = False) -> list[EstimatorSpec]:
+    """:func:`parse_estimator_list` (or, with ``single``, :func:`parse_estimator_spec`) for
+    a command line: messages name ``option``, and an unknown name says how to make an
+    estimator of one's own known (``--import``)."""
+    try:
+        return [parse_estimator_spec(text)] if single else parse_estimator_list(text)
+    except UserError as exc:
+        if "unknown estimator" in str(exc):
+            raise UserError(f"{option}: {exc}{_UNKNOWN_HINT}") from None
+        raise
 
 
 # ----------------------------------------------------------------------------- moments

@@ -27,15 +27,16 @@ import torch
 from ..cli import HelpFormatter
 from ..errors import UserError, with_option_names
 from ._common import (
+    add_import_option,
     command_line,
     fmt,
     format_table,
-    parse_estimator_list,
-    parse_estimator_spec,
+    import_modules,
+    parse_cli_estimators,
     prepare_output,
     write_json,
 )
-from .variance import Setting, logit_setting, measure, ordering
+from .variance import Setting, bias_verdict, logit_setting, measure, ordering
 
 DEFAULT_ESTIMATORS = "reinforce,reinforce_loo,arm,disarm,straight_through,gumbel"
 PROBLEMS = ("toy", "maxcut", "vae")
@@ -69,8 +70,10 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
     p.add_argument(
         "--estimators",
         default=DEFAULT_ESTIMATORS,
-        help="comma-separated estimators; options as name:key=value (reinforce_loo:num_samples=4)",
+        help="comma-separated estimators; options as name:key=value "
+        "(reinforce_loo:num_samples=4); your own with --import",
     )
+    add_import_option(p)
     p.add_argument(
         "--num-samples",
         type=int,
@@ -145,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     Every argument and the output folder are checked before any computing; a ``ValueError``
     from the problem, the training up to ``--step`` or the measurement is a user error.
     """
-    specs = parse_estimator_list(args.estimators)
+    import_modules(args.imports)  # first: they register estimators named below
+    specs = parse_cli_estimators(args.estimators)
     _check_problem_options(args, _PARSERS[args._subcommand])
     n = (
         args.num_samples
@@ -168,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
             f"--nodes must be between 2 and {MAX_NODES} (the graph is a dense n x n matrix); "
             f"got {args.nodes}"
         )
-    train_spec = parse_estimator_spec(args.train_estimator)
+    train_spec = parse_cli_estimators(args.train_estimator, "--train-estimator", single=True)[0]
     if args.step > 0:
         _check_train_estimator(args, train_spec)
     stem = f"variance_{args.problem}" if args.name is None else args.name
@@ -410,6 +414,9 @@ def _print_setting(
     print(format_table(header, table))
     print(f"variance:               {ordering(rows, 'variance')}")
     print(f"variance x evaluations: {ordering(rows, 'variance_x_evaluations')}")
+    verdict = bias_verdict(rows)
+    if verdict:
+        print(verdict)
 
 
 __all__ = ["register", "run"]

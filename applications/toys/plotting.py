@@ -40,13 +40,47 @@ def _colors(labels: Sequence[str]) -> dict[str, Any]:
     return {label: cmap(i % 10) for i, label in enumerate(labels)}
 
 
-def plot_variance(settings: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> Path:
+def plot_variance(
+    settings: Sequence[Mapping[str, Any]], path: str | Path, title: str = ""
+) -> Path:
     """Bars of the variance of one estimate (top) and variance x evaluations (bottom).
 
-    ``settings`` is the ``settings`` list of the variance JSON: each has a ``label`` and
-    ``rows``. Error bars are 2 standard errors; black ticks are exact variances. Zero
-    variances are drawn at the bottom of the axis and marked "0".
+    One column per setting. Error bars are 2 standard errors; black ticks are exact
+    variances. Zero variances are drawn at the bottom of the axis and marked "0". An
+    estimator whose bias was detected (``bias_detected`` in its row) has its name in red
+    followed by "(biased)": a low variance says nothing for it.
+
+    Parameters
+    ----------
+    settings : sequence of mappings
+        The ``settings`` list of the variance JSON: each has a ``label`` and ``rows`` (the
+        rows :func:`~applications.toys.variance.measure` returns), e.g.
+        ``[{"label": setting.label, "rows": measure(setting, specs)}]``.
+    path : str or Path
+        Output file; the format comes from the suffix (PNG without one).
+    title : str
+        Title above all columns.
+
+    Returns
+    -------
+    Path
+        The file written.
     """
+    if isinstance(settings, Mapping) or not isinstance(settings, Sequence) or not settings:
+        raise TypeError(
+            "settings must be a non-empty list of {'label': ..., 'rows': [...]} mappings; "
+            f"got {type(settings).__name__}"
+            + (" (wrap one setting in a list)" if isinstance(settings, Mapping) else "")
+        )
+    for k, setting in enumerate(settings):
+        if not isinstance(setting, Mapping) or "label" not in setting or "rows" not in setting:
+            raise TypeError(
+                f"settings[{k}] must be a mapping with 'label' and 'rows'; got "
+                f"{type(setting).__name__}"
+                + (f" with keys {sorted(setting)}" if isinstance(setting, Mapping) else "")
+            )
+        if not setting["rows"]:
+            raise ValueError(f"settings[{k}] ({setting['label']!r}) has no rows to plot")
     plt = pyplot()
     n = len(settings)
     fig, axes = plt.subplots(2, n, figsize=(max(4.5, 3.2 * n + 1.5), 6.5), squeeze=False)
@@ -89,14 +123,28 @@ def plot_variance(settings: Sequence[Mapping[str, Any]], path: Path, title: str 
             ax.set_xlim(-0.6, len(rows) - 0.4)
             ax.set_yscale("log")
             ax.set_xticks(x)
-            ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
+            biased = [bool(r.get("bias_detected")) for r in rows]
+            ticks = ax.set_xticklabels(
+                [f"{lab} (biased)" if b else lab for lab, b in zip(labels, biased)],
+                rotation=35, ha="right", fontsize=8,
+            )
+            for tick, b in zip(ticks, biased):
+                if b:
+                    tick.set_color("tab:red")
             if j == 0:
                 ax.set_ylabel(ylabel)
             if i == 0:
                 ax.set_title(setting["label"], fontsize=10)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color="0.2", marker="|", ls="none", ms=10,
+                      label="Monte Carlo, +-2 s.e."),
+               Line2D([], [], color="k", lw=2, label="exact variance")]
+    # below the columns, where it hides no bar
+    fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=2, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     return save_figure(fig, path)
 
 

@@ -23,10 +23,12 @@ from typing import Any
 from ..cli import HelpFormatter
 from ..errors import UserError, with_option_names
 from ._common import (
+    add_import_option,
     command_line,
     fmt,
     format_table,
-    parse_estimator_list,
+    import_modules,
+    parse_cli_estimators,
     prepare_output,
     write_json,
 )
@@ -53,7 +55,12 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
     p.add_argument("--p0", type=float, nargs="+", default=list(P0_VALUES), help="targets p0")
     p.add_argument("--dim", type=int, default=1, help="number of binary units D")
     p.add_argument("--mode", choices=("max", "min"), default="max", help="maximise or minimise")
-    p.add_argument("--estimators", default=DEFAULT_ESTIMATORS, help="comma-separated estimators")
+    p.add_argument(
+        "--estimators",
+        default=DEFAULT_ESTIMATORS,
+        help="comma-separated estimators; options as name:key=value; your own with --import",
+    )
+    add_import_option(p)
     p.add_argument("--steps", type=int, default=2000, help="optimiser steps")
     p.add_argument("--lr", type=float, default=0.1, help="learning rate")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="optimiser")
@@ -84,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     Every argument and the output folder are checked before any training; the JSON is
     rewritten after each ``p0`` so that an interrupted run keeps what is done.
     """
-    specs = parse_estimator_list(args.estimators)
+    import_modules(args.imports)  # first: they register estimators named below
+    specs = parse_cli_estimators(args.estimators)
     for name, value in [
         ("steps", args.steps),
         ("seeds", args.seeds),

@@ -5,7 +5,9 @@ A :class:`Setting` is a problem frozen at one point (logits, or a training step)
 computable, knows the exact gradient and an estimator's exact variance. :func:`measure`
 runs every estimator with the same budget and returns one row per estimator:
 
-- ``mean`` and its standard error, the exact gradient, the bias and its z-score;
+- ``mean`` and its standard error, the exact gradient, the bias and its z-score, and
+  ``bias_p``, the p-value of "no bias" (Bonferroni-corrected over the units), with
+  ``bias_detected = bias_p < BIAS_ALPHA``;
 - ``variance`` of ONE estimate (unbiased sample variance) with its standard error (from the
   fourth moment), the exact variance and the z-score of the difference;
 - ``variance_x_evaluations``: variance times evaluations of ``f`` per estimate, the variance
@@ -20,6 +22,7 @@ Per-unit values are kept in the JSON for ``D <= 1000``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +35,9 @@ from ._common import (
     EstimatorSpec,
     MomentAccumulator,
     check_stateless,
+    duplicated,
     jackknife_groups,
+    parse_estimator_list,
     progress,
     z_score,
 )
@@ -41,6 +46,9 @@ from ._common import (
 EXACT_VARIANCE_MAX_DIM = 10
 #: Largest number of units for which per-unit values are written to the JSON.
 PER_UNIT_MAX = 1000
+#: Family-wise level below which a row's bias is reported as detected: an unbiased
+#: estimator is flagged with probability at most this (Bonferroni over its units).
+BIAS_ALPHA = 1e-4
 
 
 @dataclass
@@ -100,7 +108,7 @@ def logit_setting(
 
 def measure(
     setting: Setting,
-    estimators: Sequence[EstimatorSpec],
+    estimators: str | Sequence[EstimatorSpec | str],
     num_samples: int = 10_000,
     chunk_size: int = 10_000,
     seed: int = 0,
@@ -113,11 +121,14 @@ def measure(
     Parameters
     ----------
     setting : Setting
-    estimators : sequence of EstimatorSpec
+    estimators : str or sequence of EstimatorSpec or str
+        Specs as the command line takes them: ``"arm,disarm,reinforce_loo:num_samples=4"``,
+        a list of such names, or :func:`parse_estimator_list`'s specs. Any registered
+        estimator works, a user's own included (:func:`binopt.register_estimator`).
     num_samples : int
         Independent estimates per estimator (at least 2).
     chunk_size : int
-        Estimates drawn per vectorized call.
+        Estimates drawn per vectorized call (at least 1).
     seed : int
         Seed of the estimators' generators.
     coord : int, optional
@@ -129,10 +140,14 @@ def measure(
         comparison between estimators is much sharper. ``False``: estimator ``i`` uses
         ``seed * 1000 + i``. Each estimator's own statistics are valid either way.
     """
-    if num_samples < 2:
-        raise ValueError(f"num_samples must be >= 2; got {num_samples}")
+    for name, value, least in [("num_samples", num_samples, 2), ("chunk_size", chunk_size, 1)]:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int >= {least}; got {value!r}")
+        if value < least:
+            raise ValueError(f"{name} must be >= {least}; got {value}")
+    specs = _as_specs(estimators)
     rows = []
-    for i, spec in enumerate(estimators):
+    for i, spec in enumerate(specs):
         stream = seed if common_random_numbers else seed * 1000 + i
         est = spec.build(generator=torch.Generator().manual_seed(stream))
         check_stateless(est, spec.label)
@@ -146,6 +161,37 @@ def measure(
         exact_var = setting.exact_variance(est) if setting.exact_variance else None
         rows.append(_row(spec, est, stats, setting.exact_mean, exact_var, num_samples, coord))
     return rows
+
+
+def _as_specs(estimators: str | Sequence[EstimatorSpec | str]) -> list[EstimatorSpec]:
+    """``measure``'s estimators as specs (names parsed as on the command line)."""
+    if isinstance(estimators, str):
+        return parse_estimator_list(estimators)
+    if not isinstance(estimators, Sequence):
+        raise TypeError(
+            "estimators must be a comma-separated string or a list of names or "
+            f"EstimatorSpec; got {type(estimators).__name__}"
+        )
+    specs = []
+    for item in estimators:
+        if isinstance(item, str):
+            specs.extend(parse_estimator_list(item))
+        elif isinstance(item, EstimatorSpec):
+            specs.append(item)
+        else:
+            got = (f"the class {item.__name__}" if isinstance(item, type)
+                   else type(item).__name__)
+            raise TypeError(
+                "estimators must be names (e.g. 'arm', 'reinforce_loo:num_samples=4') or "
+                f"EstimatorSpec; got {got} (for an estimator of your own, register it with "
+                "binopt.register_estimator and give its name)"
+            )
+    if not specs:
+        raise ValueError("estimators is empty; give at least one")
+    dup = duplicated([s.label for s in specs])
+    if dup:
+        raise ValueError(f"estimator listed twice: {', '.join(dup)}")
+    return specs
 
 
 def _row(spec, est, stats, exact_mean, exact_var, n, coord) -> dict[str, Any]:
@@ -192,6 +238,10 @@ def _row(spec, est, stats, exact_mean, exact_var, n, coord) -> dict[str, Any]:
                 abs(z_score(float(bi), float(si), 1e-9 * max(1.0, abs(float(ei)))))
                 for bi, si, ei in zip(b, mean_se, exact_mean)
             )
+    if "bias_z" in row:
+        tests = 1 if coord is not None or d == 1 else d
+        row["bias_p"] = bias_p_value(row["bias_z"], tests)
+        row["bias_detected"] = row["bias_p"] < BIAS_ALPHA
     if row["exact_variance"] is not None:
         atol = 1e-12 * max(1.0, abs(row["exact_variance"]))
         row["variance_z"] = z_score(
@@ -210,6 +260,46 @@ def _row(spec, est, stats, exact_mean, exact_var, n, coord) -> dict[str, Any]:
     return row
 
 
+def bias_p_value(z: float, tests: int = 1) -> float:
+    """Bonferroni-corrected two-sided p-value of the largest ``|z|`` of ``tests`` z-tests.
+
+    Parameters
+    ----------
+    z : float
+        The largest ``|z|`` (or a signed ``z`` when ``tests == 1``); ``inf`` gives 0.
+    tests : int
+        Number of z-tests it is the largest of (at least 1).
+
+    Returns
+    -------
+    float
+        ``min(1, tests * P(|Z| > |z|))`` for a standard normal ``Z``.
+    """
+    if isinstance(tests, bool) or not isinstance(tests, int) or tests < 1:
+        raise ValueError(f"tests must be an int >= 1; got {tests!r}")
+    if math.isnan(z):
+        raise ValueError("z must be a number; got nan")
+    return min(1.0, tests * math.erfc(abs(z) / math.sqrt(2.0)))
+
+
+def bias_verdict(rows: Sequence[dict[str, Any]], alpha: float = BIAS_ALPHA) -> str:
+    """One line saying which rows show a bias (``bias_p < alpha``) and which do not.
+
+    Rows without an exact gradient (no ``bias_p``) are left out; ``""`` when none has one.
+    """
+    from ._common import fmt
+
+    tested = [r for r in rows if r.get("bias_p") is not None]
+    if not tested:
+        return ""
+    found = [f"{r['estimator']} (p={fmt(r['bias_p'], 2)})" for r in tested if r["bias_p"] < alpha]
+    clean = [r["estimator"] for r in tested if r["bias_p"] >= alpha]
+    parts = [f"bias detected (p < {alpha:g}): {', '.join(found) or 'none'}"]
+    if clean:
+        parts.append(f"none detected: {', '.join(clean)}")
+    return "; ".join(parts)
+
+
 def ordering(rows: Sequence[dict[str, Any]], key: str = "variance") -> str:
     """``a (v) <= b (v) <= ...`` sorted by ``key``."""
     from ._common import fmt
@@ -218,4 +308,12 @@ def ordering(rows: Sequence[dict[str, Any]], key: str = "variance") -> str:
     return " <= ".join(f"{r['estimator']} ({fmt(r[key], 3)})" for r in ok)
 
 
-__all__ = ["Setting", "logit_setting", "measure", "ordering"]
+__all__ = [
+    "BIAS_ALPHA",
+    "Setting",
+    "bias_p_value",
+    "bias_verdict",
+    "logit_setting",
+    "measure",
+    "ordering",
+]

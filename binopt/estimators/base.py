@@ -385,15 +385,56 @@ _REGISTRY: dict[str, type[Estimator]] = {}
 _ALIASES: dict[str, str] = {}
 
 
-def register_estimator(cls: type[Estimator] | None = None, *, aliases: tuple[str, ...] = ()):
-    """Class decorator adding an estimator to the registry under ``cls.name`` (and aliases)."""
+def register_estimator(cls: type[Estimator] | None = None, *, aliases: tuple[str, ...] = (),
+                       replace: bool = False):
+    """Class decorator adding an estimator to the registry under ``cls.name`` (and aliases).
+
+    Parameters
+    ----------
+    cls : Estimator subclass
+        Must set its own ``name`` (an inherited one would register it in its parent's
+        place, e.g. a subclass of :class:`ARM` as ``"arm"``).
+    aliases : tuple of str
+        Further names for :func:`get_estimator`.
+    replace : bool
+        Allow taking over a name or alias that another estimator holds. Without it that
+        is an error, so that a user's class cannot silently replace a built-in one. A class
+        defined again under the same module and qualified name (a re-run notebook cell, a
+        reloaded module) always replaces its earlier definition.
+
+    Raises
+    ------
+    TypeError
+        ``cls`` is not an :class:`Estimator` subclass.
+    ValueError
+        ``cls`` sets no ``name`` of its own, or a name or alias is taken (see ``replace``).
+    """
+
+    def same_class(a: type, b: type) -> bool:
+        return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
 
     def wrap(c: type[Estimator]) -> type[Estimator]:
         if not (isinstance(c, type) and issubclass(c, Estimator)):
             raise TypeError(f"register_estimator expects an Estimator subclass; got {c!r}")
-        _REGISTRY[c.name] = c
+        if "name" not in vars(c) or not isinstance(c.name, str) or not c.name.strip():
+            raise ValueError(
+                f"{c.__qualname__} needs a name of its own to be registered (a class "
+                f"attribute, e.g. name = \"{c.__name__.lower()}\"); it inherits "
+                f"name = {c.name!r}"
+            )
+        key = c.name
+        for taken in (key, *aliases):
+            owner = _REGISTRY.get(_ALIASES.get(taken, taken))
+            if owner is not None and not replace and not same_class(owner, c):
+                raise ValueError(
+                    f"the estimator name {taken!r} is taken by {owner.__module__}."
+                    f"{owner.__qualname__}; choose another name for {c.__qualname__}, or "
+                    "pass replace=True to take it over"
+                )
+        _REGISTRY[key] = c
+        _ALIASES.pop(key, None)  # the name itself wins over an alias of the same spelling
         for alias in aliases:
-            _ALIASES[alias] = c.name
+            _ALIASES[alias] = key
         return c
 
     return wrap(cls) if cls is not None else wrap

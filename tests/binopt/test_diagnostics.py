@@ -379,3 +379,130 @@ def test_monte_carlo_of_one_estimate_has_no_variance():
     assert torch.isfinite(stats.mean).all()
     two = diagnostics.monte_carlo("arm", f, torch.zeros(2, dtype=DTYPE), num_samples=2)
     assert torch.isfinite(two.variance).all()
+
+
+# ------------------------------------------------- a user's own estimator: bias verdict
+class ScaledARM(binopt.ARM):
+    """ARM times 1.1: a deliberately biased estimator (10 % too large on average)."""
+
+    name = "scaled_arm_for_tests"
+    unbiased = False
+
+    @staticmethod
+    def _coefficients(diff, u, alpha):
+        return 1.1 * diff * (u - 0.5)
+
+
+class ConstantBaseline(binopt.Estimator):
+    """REINFORCE with a constant baseline (docs/api.md's example): unbiased for any b."""
+
+    name = "constant_baseline_for_tests"
+    unbiased = True
+
+    def __init__(self, b: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.b = b
+
+    def _estimate(self, call_f, alphas):
+        from binopt.estimators.base import attach_gradient
+
+        probs = [torch.sigmoid(a.detach()) for a in alphas]
+        z = [(self._uniform(tuple(a.shape), a) < p).to(a.dtype) for a, p in zip(alphas, probs)]
+        values = call_f(z)
+        centred = values.detach() - self.b
+        coef = [centred.reshape((-1,) + (1,) * (zk.dim() - 1)) * (zk - p)
+                for zk, p in zip(z, probs)]
+        return attach_gradient(values, coef, alphas)
+
+
+class ConstantGradient(binopt.Estimator):
+    """Returns 0.1 on every coordinate, whatever f: zero variance, and biased."""
+
+    name = "constant_gradient_for_tests"
+
+    def _estimate(self, call_f, alphas):
+        from binopt.estimators.base import attach_gradient
+
+        values = call_f([torch.zeros_like(a.detach()) for a in alphas])
+        return attach_gradient(values, [torch.full_like(a, 0.1) for a in alphas], alphas)
+
+
+TOY_LOGITS = torch.tensor([0.0, 1.0, -1.0, 0.5], dtype=DTYPE)
+
+
+def toy_f(z):
+    return ((z - 0.49) ** 2).sum(-1)
+
+
+def test_bias_verdict_flags_a_biased_estimator_and_passes_unbiased_ones():
+    """``bias`` decides by itself (Bonferroni over the units): ARM x 1.1 is flagged, ARM,
+    DisARM and REINFORCE with a constant baseline are not. At 40,000 estimates the 10 % bias
+    is about 10 standard errors on the largest unit, against a critical |z| of 4.2."""
+    n, dim = 40_000, TOY_LOGITS.numel()
+    estimators = {
+        "scaled": ScaledARM, "arm": binopt.ARM, "disarm": binopt.DisARM,
+        "baseline": lambda generator: ConstantBaseline(b=0.7, generator=generator),
+    }
+    res = {k: diagnostics.bias(make(generator=torch.Generator().manual_seed(3)), toy_f,
+                               TOY_LOGITS, num_samples=n)
+           for k, make in estimators.items()}
+    for key, r in res.items():
+        bound, z_crit = diagnostics.standard_error_bound(r["std_error"], dim)
+        torch.testing.assert_close(r["bound"], bound, rtol=0.0, atol=0.0)
+        largest = float(r["z"].abs().max())
+        assert r["p_value"] == pytest.approx(min(1.0, 2 * dim * norm.sf(largest)), rel=1e-9)
+        assert r["biased"] == (largest > z_crit) == (r["p_value"] < 1e-4), key
+    assert res["scaled"]["biased"] and res["scaled"]["p_value"] < 1e-12
+    for key in ("arm", "disarm", "baseline"):
+        assert not res[key]["biased"], (key, res[key]["z"])
+
+
+def test_bias_verdict_for_estimators_without_spread():
+    """A zero-variance estimator has no z-score (NaN); the verdict still tells exact
+    enumeration (unbiased) from a constant that is wrong (biased)."""
+    res = diagnostics.bias("exact", toy_f, TOY_LOGITS, num_samples=3)
+    assert torch.isnan(res["z"]).all()
+    assert res["p_value"] == 1.0 and not res["biased"]
+    res = diagnostics.bias(ConstantGradient(), toy_f, TOY_LOGITS, num_samples=3)
+    assert torch.equal(res["std_error"], torch.zeros(4, dtype=DTYPE))
+    assert res["p_value"] == 0.0 and res["biased"]
+
+
+def test_bias_and_standard_error_bound_check_their_arguments():
+    with pytest.raises(ValueError, match=r"bias needs num_samples >= 2.*got 1"):
+        diagnostics.bias("arm", toy_f, TOY_LOGITS, num_samples=1)
+    for bad in [0.0, 1.0, -0.1]:
+        with pytest.raises(ValueError, match=rf"family_alpha must be in \(0, 1\); got {bad}"):
+            diagnostics.bias("arm", toy_f, TOY_LOGITS, num_samples=4, family_alpha=bad)
+        with pytest.raises(ValueError, match=r"family_alpha must be in \(0, 1\)"):
+            diagnostics.standard_error_bound(torch.ones(2), 2, family_alpha=bad)
+    with pytest.raises(TypeError, match=r"family_alpha must be a number in \(0, 1\); got '1e-3'"):
+        diagnostics.standard_error_bound(torch.ones(2), 2, family_alpha="1e-3")
+    with pytest.raises(ValueError, match=r"num_tests must be >= 1; got 0"):
+        diagnostics.standard_error_bound(torch.ones(2), 0)
+    with pytest.raises(TypeError, match=r"num_tests must be an int >= 1; got 2.0"):
+        diagnostics.standard_error_bound(torch.ones(2), 2.0)
+
+
+def test_exact_variance_refuses_subclasses_that_change_the_estimate():
+    """ARM x 1.1 subclasses ARM: exact_variance returned ARM's moments for it (its mean is
+    1.1 times, its variance 1.21 times those), silently wrong; now it refuses."""
+    with pytest.raises(TypeError, match=r"ScaledARM subclasses it but overrides _coefficients"
+                                        r".*monte_carlo"):
+        diagnostics.exact_variance(ScaledARM(), toy_f, TOY_LOGITS)
+
+    class Noisy(binopt.REINFORCE):
+        def _estimate(self, call_f, alphas):
+            return super()._estimate(call_f, alphas)
+
+    with pytest.raises(TypeError, match=r"REINFORCE; Noisy subclasses it but overrides _estimate"):
+        diagnostics.exact_variance(Noisy(), toy_f, TOY_LOGITS)
+    with pytest.raises(TypeError, match=r"supports REINFORCE.*ConstantBaseline.*monte_carlo"):
+        diagnostics.exact_variance(ConstantBaseline(), toy_f, TOY_LOGITS)
+
+    class Renamed(binopt.DisARM):  # the same estimator under another name: still known
+        name = "renamed_disarm_for_tests"
+
+    got = diagnostics.exact_variance(Renamed(), toy_f, TOY_LOGITS)
+    want = diagnostics.exact_variance("disarm", toy_f, TOY_LOGITS)
+    torch.testing.assert_close(got["variance"], want["variance"], rtol=0.0, atol=0.0)

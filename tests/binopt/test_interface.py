@@ -447,6 +447,39 @@ def test_register_estimator():
         binopt.register_estimator(int)
 
 
+def test_register_estimator_refuses_to_replace_silently(monkeypatch):
+    monkeypatch.setattr(base_module, "_REGISTRY", dict(base_module._REGISTRY))
+    monkeypatch.setattr(base_module, "_ALIASES", dict(base_module._ALIASES))
+
+    class ScaledARM(binopt.ARM):  # forgot its own name: it would have replaced ARM
+        pass
+
+    with pytest.raises(ValueError, match="ScaledARM needs a name of its own.*inherits name = "
+                       "'arm'"):
+        binopt.register_estimator(ScaledARM)
+    assert binopt.get_estimator("arm").__class__ is binopt.ARM
+
+    class Mine(binopt.ARM):
+        name = "disarm"
+
+    with pytest.raises(ValueError, match="'disarm' is taken by binopt.estimators.arm.DisARM"):
+        binopt.register_estimator(Mine)
+    with pytest.raises(ValueError, match="'arm' is taken by binopt.estimators.arm.ARM"):
+        binopt.register_estimator(aliases=("arm",))(type("Other", (binopt.ARM,),
+                                                          {"name": "test_other"}))
+    assert "test_other" not in binopt.available_estimators()
+    assert binopt.register_estimator(Mine, replace=True) is Mine
+    assert type(binopt.get_estimator("disarm")) is Mine
+
+    def define():  # the same class defined again (a re-run notebook cell) replaces itself
+        class Cell(binopt.ARM):
+            name = "test_cell"
+        return binopt.register_estimator(Cell)
+
+    first, second = define(), define()
+    assert first is not second and type(binopt.get_estimator("test_cell")) is second
+
+
 def test_surrogate_rows_gives_each_row_its_own_unbiased_gradient():
     """Row n of the logits is problem n with its own f_n: the per-row gradients average to
     the exact per-row gradients (5 standard errors)."""
