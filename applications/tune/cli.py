@@ -19,24 +19,37 @@ Print the results again without running anything::
 
     binopt tune --report --storage runs/tune/mlp-mnist5k-pareto/study.log
 
+Print the ``binopt sparsify`` command that trains trial 7 again, exactly::
+
+    binopt tune --command 7 --storage runs/tune/mlp-mnist5k-pareto/study.log
+
 This module imports optuna only when the command runs, so ``binopt --help`` works without
 it; a missing optuna is reported as one line asking to install the ``tune`` extra.
 
 Exit status: 0 when at least one trial completed, 2 on a user error (nothing is trained
 and no trial uses up the budget), 1 when the study has no complete trial (the failed
-trials count towards ``--trials``; the message says how to run more).
+trials count towards ``--trials``; the message says how to run more), 130 when
+interrupted (Ctrl-C or SIGTERM: the running trials are recorded as interrupted and are
+retried when the same command runs again).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..cli import HelpFormatter
 from ..errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover - optuna is imported when the command runs
+    import optuna
 
 # binopt is installed from a checkout (it is not on PyPI): the extra comes from there too
 INSTALL_HINT = ("binopt tune needs optuna; install it from the binopt checkout with: "
@@ -142,6 +155,9 @@ def register(subparsers: Any, name: str = "tune", help_text: str | None = None) 
                    help="return when the budget is used up even if trials still run elsewhere")
     w.add_argument("--report", action="store_true",
                    help="only print the results of an existing study and write its files")
+    w.add_argument("--command", type=int, default=None, metavar="TRIAL",
+                   help="only print the binopt sparsify command that trains trial TRIAL of "
+                        "an existing study again (same settings and seeds, new --out)")
     w.add_argument("--no-html", action="store_true", help="do not write pareto.html")
     w.add_argument("--quiet", action="store_true", help="no per-trial lines")
     p.set_defaults(func=run)
@@ -231,8 +247,57 @@ def _print_files(paths: dict[str, Path]) -> None:
     print("\nwrote: " + ", ".join(str(p) for p in paths.values()))
 
 
+def retrain_command(study: optuna.Study, number: int) -> str:
+    """The ``binopt sparsify`` command that trains trial ``number`` of ``study`` again.
+
+    Parameters
+    ----------
+    study : optuna.Study
+    number : int
+        The trial's number.
+
+    Returns
+    -------
+    str
+        The command of :func:`~applications.tune.report.sparsify_command`, writing to
+        ``OUT/retrain/NNNN``.
+
+    Raises
+    ------
+    UserError
+        When the study has no such trial, or the trial recorded no training settings (it
+        failed before training, or was a surplus trial).
+    """
+    from . import report as rp
+
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if number not in trials:
+        raise UserError(f"--command takes a trial number of study {study.study_name!r} "
+                        f"(0 to {max(trials) if trials else -1}); got {number}")
+    record = rp.trial_record(trials[number])
+    if not record["command"]:
+        raise UserError(f"trial {number} of study {study.study_name!r} ({record['state']}) "
+                        "recorded no training settings, so there is nothing to train again")
+    return str(record["command"])
+
+
+@contextlib.contextmanager
+def _terminate_interrupts() -> Iterator[None]:
+    """SIGTERM (a scheduler's time limit, ``kill``) interrupts like Ctrl-C while this runs,
+    so that the running trials are recorded as interrupted (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run (or with ``--report`` only report) a study; returns the exit status."""
+    """Run (or with ``--report`` or ``--command`` only report) a study; returns the exit
+    status."""
     try:
         import optuna
     except ImportError as exc:
@@ -241,14 +306,18 @@ def run(args: argparse.Namespace) -> int:
     from . import report as rp
     from . import study as st
 
-    if args.report:
+    if args.report or args.command is not None:
+        option = "--report" if args.report else "--command"
         if args.storage is None and args.study_name is None and args.out is None:
-            raise UserError("--report needs --storage (and --study-name if it holds several)")
+            raise UserError(f"{option} needs --storage (and --study-name if it holds several)")
         name = args.study_name
         default_out = args.out or str(
             Path("runs") / "tune" / (name or f"{args.model}-{args.dataset}-{args.mode}"))
         storage = st.resolve_storage(args.storage, default_out)
         study = rp.load_study_for_report(storage, name)
+        if args.command is not None:
+            print(retrain_command(study, args.command))
+            return 0
         if args.out:
             out = Path(args.out)
         elif storage.startswith("journal:"):
@@ -267,7 +336,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"binopt tune: study {settings.study_name!r} ({settings.mode} mode, "
               f"{settings.n_trials} trials, {settings.jobs} worker(s)) in {settings.storage}\n"
               f"  space: {space}", flush=True)
-    study = st.run_study(settings)
+    try:
+        with _terminate_interrupts():
+            study = st.run_study(settings)
+    except KeyboardInterrupt:
+        print(f"binopt: interrupted; finished trials are kept in {settings.storage} and the "
+              "running ones are recorded as interrupted: run the same command again to "
+              "continue (interrupted trials are retried from their last finished epoch)",
+              file=sys.stderr)
+        return 130
     rep, paths = rp.write_report(study, settings.out, html=not args.no_html)
     print()
     print(rp.format_report(rep))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +48,88 @@ def _f(x: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
+#: ``TrainConfig`` fields and the ``binopt sparsify`` options that set them. ``None``:
+#: not part of the command (``out`` is given separately; the re-run should start afresh
+#: and show its progress).
+SPARSIFY_OPTIONS: dict[str, str | None] = {
+    "model": "--model", "dataset": "--dataset", "data_root": "--data-root",
+    "estimator": "--estimator", "estimator_options": "--estimator-options", "lam": "--lam",
+    "parameterization": "--parameterization", "k": "--k", "init_drop_rate": "--init-drop-rate",
+    "epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "gate_lr": "--gate-lr",
+    "optimizer": "--optimizer", "lr_schedule": "--lr-schedule",
+    "weight_decay": "--weight-decay", "seed": "--seed", "data_seed": "--data-seed",
+    "device": "--device", "amp": "--amp", "num_threads": "--threads",
+    "validation_fraction": "--validation-fraction", "limit": "--limit",
+    "model_options": "--model-options", "baseline": "--baseline",
+    "distributed": "--distributed", "out": None, "resume": None, "progress": None,
+}
+
+
+def _option_value(value: Any) -> str:
+    """How ``binopt sparsify`` reads a value back exactly (``repr`` of a float round-trips)."""
+    if isinstance(value, Mapping):
+        return json.dumps(value, separators=(",", ":"))
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def sparsify_command(config: Mapping[str, Any], out: str | Path) -> str:
+    """The ``binopt sparsify`` command that trains ``config`` again, into ``out``.
+
+    With the trial's settings and seeds, on the same kind of device, the run gives the
+    trial's network again (same architecture, same errors).
+
+    Parameters
+    ----------
+    config : mapping
+        A trial's ``TrainConfig`` as recorded in its ``config`` user attribute.
+    out : path
+        Output folder of the new run (not the trial's own folder, which it would replace).
+
+    Returns
+    -------
+    str
+        One shell command line, arguments quoted where needed.
+
+    Raises
+    ------
+    ValueError
+        When ``config`` holds a setting that has no ``binopt sparsify`` option.
+    """
+    unknown = sorted(set(config) - set(SPARSIFY_OPTIONS))
+    if unknown:
+        raise ValueError(f"no binopt sparsify option for the training setting(s) "
+                         f"{', '.join(unknown)}; known: {', '.join(SPARSIFY_OPTIONS)}")
+    args = ["binopt", "sparsify"]
+    for name, option in SPARSIFY_OPTIONS.items():
+        value = config.get(name)
+        if option is None or value is None or value is False or value == {}:
+            continue
+        if value is True:
+            args.append(option)
+        elif name == "lam" and isinstance(value, Mapping):  # per layer: 1=0.1,3=0.05
+            args += [option, ",".join(f"{k}={_option_value(float(v))}" for k, v in value.items())]
+        else:
+            args += [option, _option_value(value)]
+    args += ["--out", str(out)]
+    return shlex.join(args)
+
+
+def retrain_folder(record: Mapping[str, Any]) -> Path:
+    """Where the re-run of a trial goes: ``OUT/retrain/NNNN`` next to ``OUT/trials``."""
+    run_dir = record.get("run_dir")
+    base = Path(run_dir).parent.parent if run_dir else Path("runs") / "tune"
+    return base / "retrain" / f"{int(record['number']):04d}"
+
+
 def trial_record(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
-    """A flat, JSON-serialisable description of one trial."""
+    """A flat, JSON-serialisable description of one trial.
+
+    Besides the results and settings, ``command`` is the ``binopt sparsify`` command that
+    trains the trial's network again (:func:`sparsify_command`, into
+    :func:`retrain_folder`), or ``None`` when the trial recorded no settings.
+    """
     a = trial.user_attrs
     config = a.get("config") or {}
     hyper = {
@@ -58,7 +139,7 @@ def trial_record(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     }
     if hyper.get("estimator") in RELAXED_PARAMETERIZATION:  # gates are log a: no g, no k
         hyper["parameterization"], hyper["k"] = "log_a", None
-    return {
+    record = {
         "number": trial.number,
         "state": trial.state.name,
         "values": list(trial.values) if trial.values is not None else None,
@@ -80,6 +161,7 @@ def trial_record(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         "interrupted": bool(a.get("binopt_interrupted")),
         "surplus": bool(a.get("binopt_surplus")),
         "retry_of": a.get("binopt_retry_of"),
+        "gated_weights_kept_fraction": _f(a.get("gated_weights_kept_fraction")),
         "worker": a.get("binopt_worker"),
         "intermediate_values": {str(k): v for k, v in trial.intermediate_values.items()},
         "datetime_start": trial.datetime_start.isoformat() if trial.datetime_start else None,
@@ -87,6 +169,13 @@ def trial_record(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
             trial.datetime_complete.isoformat() if trial.datetime_complete else None
         ),
     }
+    record["command"] = None
+    if isinstance(a.get("config"), Mapping):
+        try:
+            record["command"] = sparsify_command(a["config"], retrain_folder(record))
+        except ValueError:  # a setting of a newer training code: no exact command
+            pass
+    return record
 
 
 def pareto_front(records: Sequence[Mapping[str, Any]], kept: str = "flops") -> list[dict]:
@@ -237,12 +326,44 @@ def format_report(rep: StudyReport, *, run_dirs: bool = True) -> str:
         value = _num((rep.best.get("values") or [None])[0])
         parts.append(f"best trial (target objective {value}):")
         parts.append(format_table([rep.best], run_dirs=run_dirs))
+        if rep.best.get("command"):
+            parts.append("")
+            parts.append(f"train it again: {rep.best['command']}")
+    if rep.front:
+        parts.append("")
+        parts.append("The binopt sparsify command that trains a trial again: \"command\" in "
+                     "best_trials.json and trials.json, or binopt tune --command TRIAL with "
+                     "this study's --storage and --study-name.")
     return "\n".join(parts)
 
 
 # ----------------------------------------------------------------------------- plots
+_KEPT_LABEL = {"flops": "FLOPs", "params": "parameters"}
+
+
+def _labels_by_point(rows: Sequence[Mapping[str, Any]], key: str) -> dict[tuple, str]:
+    """Trial numbers per plotted point, ``"0,2"`` where trials coincide (else overprinted)."""
+    out: dict[tuple, list[str]] = {}
+    for r in rows:
+        out.setdefault((100 * r[key], 100 * r["val_error"]), []).append(str(r["number"]))
+    return {xy: ",".join(numbers) for xy, numbers in out.items()}
+
+
+def _budget(rep: StudyReport) -> float | None:
+    """The kept-fraction budget of a target-mode study (``None`` otherwise)."""
+    if rep.mode != "target" or rep.settings.get("weight") is not None:
+        return None
+    return _f(rep.settings.get("budget"))
+
+
 def plot_pareto(rep: StudyReport, path: str | Path) -> Path:
-    """Write ``pareto.png``: kept fraction (log x) vs error, front highlighted."""
+    """Write ``pareto.png``: kept fraction (log x) vs error, front highlighted.
+
+    Grey: every complete trial (validation error); red: the Pareto front with its trial
+    numbers; open circles: the front's test errors; in target mode a star marks the best
+    trial and a dashed line the budget; dashed and dotted black lines: the reference error
+    and one point above it, when the study has a reference.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -267,9 +388,18 @@ def plot_pareto(rep: StudyReport, path: str | Path) -> Path:
         if tests:
             ax.scatter(*zip(*tests), s=36, facecolors="none", edgecolors="C0",
                        label="Pareto front (test error)", zorder=4)
-        for r in rep.front:
-            ax.annotate(str(r["number"]), (100 * r[key], 100 * r["val_error"]),
-                        textcoords="offset points", xytext=(3, 3), fontsize=7, c="C3")
+        for (x, y), numbers in _labels_by_point(rep.front, key).items():
+            ax.annotate(numbers, (x, y), textcoords="offset points", xytext=(3, 3),
+                        fontsize=7, c="C3")
+    budget = _budget(rep)
+    if budget is not None:
+        ax.axvline(100 * budget, c="C2", ls="--", lw=1,
+                   label=f"budget ({_pct(budget, 1)}% {_KEPT_LABEL[rep.kept]})")
+    best = rep.best or {}
+    if best.get(key) is not None and best.get("val_error") is not None:
+        ax.scatter([100 * best[key]], [100 * best["val_error"]], s=160, marker="*", c="gold",
+                   edgecolors="k", linewidths=0.6, label=f"best trial ({best['number']})",
+                   zorder=5)
     ref = rep.reference or {}
     if _f(ref.get("test_error")) is not None:
         e = 100 * float(ref["test_error"])
@@ -285,11 +415,11 @@ def plot_pareto(rep: StudyReport, path: str | Path) -> Path:
         ax.set_yscale("log")  # collapsed trials (90% error) would squash the front
         ax.yaxis.set_major_formatter(fmt)
         ax.yaxis.set_minor_formatter(fmt)
-    ax.set_xlabel(f"{'FLOPs' if rep.kept == 'flops' else 'parameters'} kept (%)")
+    ax.set_xlabel(f"{_KEPT_LABEL[rep.kept]} kept (%)")
     ax.set_ylabel("error (%)")
-    ax.set_title(f"{rep.study_name}: error vs {rep.kept} kept")
+    ax.set_title(f"{rep.study_name}: error vs {_KEPT_LABEL[rep.kept]} kept")
     ax.grid(True, which="both", alpha=0.3)
-    if done or ref:
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
@@ -335,13 +465,31 @@ def plot_pareto_html(rep: StudyReport, path: str | Path) -> Path | None:
         y=[100 * r["test_error"] for r in rep.front if r.get("test_error") is not None],
         mode="markers", name="Pareto front (test)", marker={"symbol": "circle-open"},
     ))
+    best = rep.best or {}
+    if best.get(key) is not None and best.get("val_error") is not None:
+        fig.add_trace(go.Scatter(
+            x=[100 * best[key]], y=[100 * best["val_error"]], mode="markers",
+            name=f"best trial ({best['number']})",
+            marker={"symbol": "star", "size": 14, "color": "gold"},
+            hovertext=[hover(best)], hoverinfo="text",
+        ))
+    budget = _budget(rep)
+    ys = [100 * r["val_error"] for r in done]
+    if budget is not None and ys:  # a trace, not a shape: shapes misplace text on log axes
+        fig.add_trace(go.Scatter(
+            x=[100 * budget] * 2, y=[min(ys), max(ys)], mode="lines",
+            name=f"budget ({_pct(budget, 1)}% {_KEPT_LABEL[rep.kept]})",
+            line={"dash": "dash", "color": "green"}, hoverinfo="name",
+        ))
     ref = rep.reference or {}
     if _f(ref.get("test_error")) is not None:
         fig.add_hline(y=100 * float(ref["test_error"]), line_dash="dash",
                       annotation_text=f"{ref.get('label', 'dense')} test error")
+    label = _KEPT_LABEL[rep.kept]
+    log_x = bool(done) and min(100 * r[key] for r in done) > 0
     fig.update_layout(
-        title=f"{rep.study_name}: error vs {rep.kept} kept",
-        xaxis={"title": f"{rep.kept} kept (%)", "type": "log" if done else "linear"},
+        title=f"{rep.study_name}: error vs {label} kept",
+        xaxis={"title": f"{label} kept (%)", "type": "log" if log_x else "linear"},
         yaxis={"title": "error (%)"},
     )
     path = Path(path)

@@ -38,7 +38,16 @@ worker to look marks it FAIL with ``binopt_interrupted`` (it then no
 longer counts) and enqueues a retry with the same parameters and run folder, which the next
 ``ask`` picks up. So restarting a killed study (``load_if_exists``) finishes exactly the
 requested number of trials. A failed trial (an exception in training, a NaN objective) is
-recorded FAIL with the error in ``error`` and the study goes on.
+recorded FAIL with the error in ``error`` and the study goes on. Ctrl-C (and SIGTERM, in
+the command and in the worker processes of :func:`run_study`) marks the running trials
+interrupted right away, so the storage never keeps a RUNNING trial of a stopped command.
+
+Changed settings
+----------------
+A study is resumed only with the mode, kept measure, budget and training settings it was
+created with (:func:`open_study`; the machine-specific :data:`MACHINE_SETTINGS` may
+differ): trials trained differently could not share a front. A changed search space is
+allowed with a warning.
 
 User errors
 -----------
@@ -60,10 +69,12 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import socket
 import sys
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -117,6 +128,14 @@ TRAIN_FIELDS = (
 TRAIN_OPTIONS = {
     **{name: "--" + name.replace("_", "-") for name in TRAIN_FIELDS}, "seed": "--train-seed",
 }
+
+#: Fraction of the training data held out for the objective when ``train`` does not say.
+DEFAULT_VALIDATION_FRACTION = 0.2
+
+#: Training settings that may differ between the runs and workers of one study: where the
+#: data lie and which hardware trains do not change what a trial measures. Any other
+#: difference is refused (see :func:`open_study`).
+MACHINE_SETTINGS = ("data_root", "device", "amp")
 
 
 @dataclass
@@ -194,6 +213,13 @@ class TuneSettings:
     worker_index: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.space, SearchSpace):
+            raise UserError(f"space must be a SearchSpace; got {type(self.space).__name__}")
+        if not isinstance(self.train, Mapping):
+            raise UserError(f"train must be a dict of training settings ({', '.join(TRAIN_FIELDS)})"
+                            f"; got {type(self.train).__name__}")
+        # the objective is the validation error: without a split every trial would fail
+        self.train = {"validation_fraction": DEFAULT_VALIDATION_FRACTION, **self.train}
         if self.mode not in MODES:
             raise UserError(f"--mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         if self.kept not in KEPT:
@@ -223,15 +249,17 @@ class TuneSettings:
         if not 0 < self.heartbeat <= threading.TIMEOUT_MAX:
             raise UserError(f"--heartbeat must be a positive number of seconds up to "
                             f"{threading.TIMEOUT_MAX:.0f}; got {self.heartbeat}")
-        vf = self.train.get("validation_fraction", 0.2)
-        if not 0.0 < float(vf) < 1.0:
+        vf = self.train["validation_fraction"]
+        if not isinstance(vf, int | float) or not 0.0 < float(vf) < 1.0:
             raise UserError(
                 "--validation-fraction must lie strictly between 0 and 1: the objective is "
                 f"the error on a validation split carved from the training data; got {vf}"
             )
         unknown = set(self.train) - set(TRAIN_FIELDS)
         if unknown:
-            raise UserError(f"unknown training settings {sorted(unknown)}")
+            raise UserError(f"unknown training settings {sorted(unknown)}; the fixed settings "
+                            f"of a study are {', '.join(TRAIN_FIELDS)} (the search space "
+                            "sets the others)")
 
     @property
     def grace(self) -> float:
@@ -381,15 +409,33 @@ def make_pruner(settings: TuneSettings) -> optuna.pruners.BasePruner:
 
 
 def open_study(
-    settings: TuneSettings, *, worker: int = 0, create: bool = True
+    settings: TuneSettings, *, worker: int = 0, create: bool = True, warn: bool = True
 ) -> optuna.Study:
     """Create the study or load it (``load_if_exists``), and check it matches ``settings``.
+
+    Parameters
+    ----------
+    settings : TuneSettings
+    worker : int
+        Worker index (seeds the sampler, see :func:`make_sampler`).
+    create : bool
+        Create the study when the storage does not hold it (else ``KeyError``).
+    warn : bool
+        Print a warning on stderr when the search space differs from the study's (the
+        workers that :func:`run_study` starts leave that to it, so it is said once).
+
+    Returns
+    -------
+    optuna.Study
 
     Raises
     ------
     UserError
         When an existing study of that name was made in another mode, with another kept
-        measure or by something other than ``binopt tune`` with different directions.
+        measure, budget or weight, with other training settings (any of
+        :data:`TRAIN_FIELDS` but :data:`MACHINE_SETTINGS`: its trials and the new ones
+        would not be comparable), or by something other than ``binopt tune`` with
+        different directions.
     """
     storage = open_storage(settings.storage)
     existing = _existing_trials(storage, settings.study_name)
@@ -421,14 +467,73 @@ def open_study(
                     f"not {mine[key]!r}; resume it with the same settings or pick another "
                     "--study-name"
                 )
-        differs = [k for k in ("space", "train") if stored.get(k) != mine[k]]
-        if differs:
+        changed = train_differences(stored.get("train") or {}, mine["train"])
+        if changed:
+            raise UserError(
+                f"study {settings.study_name!r} was created with other training settings: "
+                f"{'; '.join(changed)}. Its trials and new ones would not be comparable: "
+                "resume it with the settings it was created with, or pick another --study-name"
+            )
+        if warn and stored.get("space") != mine["space"]:
             print(
-                f"binopt tune: warning: this worker's {' and '.join(differs)} settings differ "
-                f"from those study {settings.study_name!r} was created with",
+                f"binopt tune: warning: the search space differs from the one study "
+                f"{settings.study_name!r} was created with "
+                f"({space_differences(stored.get('space') or {}, settings.space)}); the study "
+                "holds trials from both, and the sampler learns from all of them",
                 file=sys.stderr,
             )
     return study
+
+
+def _effective_train(train: Mapping[str, Any]) -> dict[str, Any]:
+    """Fixed training settings with the defaults of ``TrainConfig`` filled in (JSON form)."""
+    train_mod = importlib.import_module("applications.sparsify.train")
+    defaults: dict[str, Any] = {}
+    for f in dataclasses.fields(train_mod.TrainConfig):
+        if f.name in TRAIN_FIELDS:
+            missing = f.default is dataclasses.MISSING
+            defaults[f.name] = f.default_factory() if missing else f.default  # type: ignore[misc]
+    defaults["validation_fraction"] = DEFAULT_VALIDATION_FRACTION
+    return _jsonable({**defaults, **train})
+
+
+def train_differences(stored: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
+    """The training settings in which ``given`` differs from a study's ``stored`` ones.
+
+    Settings left out count as ``TrainConfig``'s defaults (and a validation fraction of
+    0.2); :data:`MACHINE_SETTINGS` may differ.
+
+    Parameters
+    ----------
+    stored : mapping
+        ``study.user_attrs["binopt"]["train"]``.
+    given : mapping
+        The training settings of this command (``TuneSettings.train``).
+
+    Returns
+    -------
+    list of str
+        One entry per difference, ``"--epochs 15 (given: 3)"``; empty when none.
+    """
+    old, new = _effective_train(stored), _effective_train(given)
+    out = []
+    for name in TRAIN_FIELDS:
+        if name in MACHINE_SETTINGS or old.get(name) == new.get(name):
+            continue
+        out.append(f"{TRAIN_OPTIONS[name]} {json.dumps(old.get(name))} "
+                   f"(given: {json.dumps(new.get(name))})")
+    return out
+
+
+def space_differences(stored: Mapping[str, Any], given: SearchSpace) -> str:
+    """``"lam 0.001:1 (log), now 0.5:2 (log)"``: the parts of the space that changed."""
+    try:
+        before = SearchSpace.from_dict(stored).describe()
+    except (TypeError, ValueError):
+        return "the stored space cannot be read back"
+    now = given.describe()
+    return "; ".join(f"{k} {before.get(k)}, now {v}" for k, v in now.items()
+                     if before.get(k) != v) or "same parts, other representation"
 
 
 def _existing_trials(storage: optuna.storages.BaseStorage, name: str) -> int:
@@ -460,13 +565,33 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+#: Tokens (``binopt_worker["token"]``) of the trials this process is running now.
+_LIVE_TRIALS: set[str] = set()
+
+
 def is_stale(trial: optuna.trial.FrozenTrial, grace: float, now: float | None = None) -> bool:
     """Whether a RUNNING trial's worker is gone.
 
-    A worker that shares this process's pid namespace (same host, same boot, same
-    container) is gone when its process is; a live process is trusted unless its heartbeat
-    is ten grace periods old (pid reuse). Any other worker is gone when its heartbeat (or,
-    before the first one, its start) is older than ``grace`` seconds.
+    A trial of this very process is gone unless it is one this process is running now
+    (an earlier run in the same process, say a notebook cell stopped with Ctrl-C between
+    two steps, left it behind). A worker that shares this process's pid namespace (same
+    host, same boot, same container) is gone when its process is; a live process is
+    trusted unless its heartbeat is ten grace periods old (pid reuse). Any other worker is
+    gone when its heartbeat (or, before the first one, its start) is older than ``grace``
+    seconds.
+
+    Parameters
+    ----------
+    trial : optuna.trial.FrozenTrial
+    grace : float
+        Seconds without heartbeat after which a worker elsewhere counts as gone.
+    now : float, optional
+        The current time (``time.time()``).
+
+    Returns
+    -------
+    bool
+        ``False`` for a trial that is not RUNNING.
     """
     if trial.state != TrialState.RUNNING:
         return False
@@ -479,7 +604,7 @@ def is_stale(trial: optuna.trial.FrozenTrial, grace: float, now: float | None = 
     pid = worker.get("pid")
     if worker.get("ns") == PID_NAMESPACE and isinstance(pid, int):
         if pid == os.getpid():
-            return False
+            return worker.get("token") not in _LIVE_TRIALS
         return not _pid_alive(pid) or age > 10 * grace
     return age > grace
 
@@ -635,14 +760,25 @@ SUMMARY_KEYS = (
 )
 
 
-def _kept_from(metrics: Mapping[str, Any], kept: str) -> float | None:
-    """The kept fraction: exact (summary) or, per epoch, the gated-weights proxy."""
+def _kept_item(metrics: Mapping[str, Any], kept: str) -> tuple[str, float] | None:
+    """``(name, value)`` of the kept fraction: exact (summary) or, per epoch, a proxy.
+
+    The summary has the exact ``flops_kept_fraction`` / ``params_kept_fraction`` of the
+    exported network; the per-epoch metrics only the ``gated_weights_kept_fraction`` under
+    the test-time gates (or the ``expected_kept_fraction``).
+    """
     keys = (f"{kept}_kept_fraction", "gated_weights_kept_fraction", "expected_kept_fraction")
     for key in keys:
         v = _finite(metrics.get(key))
         if v is not None:
-            return v
+            return key, v
     return None
+
+
+def _kept_from(metrics: Mapping[str, Any], kept: str) -> float | None:
+    """The kept fraction: exact (summary) or, per epoch, the gated-weights proxy."""
+    item = _kept_item(metrics, kept)
+    return None if item is None else item[1]
 
 
 def run_trial_config(trial: optuna.trial.Trial, settings: TuneSettings,
@@ -688,13 +824,16 @@ def objective(trial: optuna.trial.Trial, settings: TuneSettings,
         epochs_seen.append(int(epoch))
         if settings.mode != "target":
             return
-        val, kept = _finite(metrics.get("val_error")), _kept_from(metrics, settings.kept)
-        if val is None or kept is None:
+        val, item = _finite(metrics.get("val_error")), _kept_item(metrics, settings.kept)
+        if val is None or item is None:
             return
+        kept_key, kept = item
         trial.report(target_value(val, kept, settings), step=int(epoch))
         if trial.should_prune():
             trial.set_user_attr("val_error", val)
-            trial.set_user_attr(f"{settings.kept}_kept_fraction", kept)
+            # the per-epoch proxy, under its own name: a pruned trial is never exported, so
+            # its kept fraction of FLOPs or parameters is unknown
+            trial.set_user_attr(kept_key, kept)
             trial.set_user_attr("pruned_at_epoch", int(epoch))
             raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
@@ -741,10 +880,20 @@ def _describe(trial: optuna.trial.FrozenTrial, kept: str) -> str:
         v = _finite(a.get(key))
         return "-" if v is None else f"{100 * v:.2f}%"
 
+    if trial.state == TrialState.PRUNED:  # stopped early: no test error, no export
+        return (f"at epoch {a.get('pruned_at_epoch', '-')}, val {pct('val_error')} gated "
+                f"weights kept {pct('gated_weights_kept_fraction')}")
     return (
         f"val {pct('val_error')} test {pct('test_error')} "
         f"{kept} kept {pct(f'{kept}_kept_fraction')} arch {a.get('architecture', '-')}"
     )
+
+
+def _progress(study: optuna.Study, n_trials: int) -> str:
+    """``"4/6 done"``: finished trials that use up the budget, of ``n_trials``."""
+    done = sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state.is_finished() and counts_toward_budget(t))
+    return f"{done}/{n_trials} done"
 
 
 def execute_trial(study: optuna.Study, trial: optuna.trial.Trial, settings: TuneSettings,
@@ -766,13 +915,17 @@ def execute_trial(study: optuna.Study, trial: optuna.trial.Trial, settings: Tune
         with contextlib.suppress(Exception):
             trial.set_user_attr("duration_s", time.time() - t0)
 
+    retry_of = trial.user_attrs.get("binopt_retry_of")
+    _log(settings, f"[tune w{worker}] trial {trial.number} started" + (
+        "" if retry_of is None else
+        f" (retry of interrupted trial {retry_of})"))
     with _Heartbeat(study._storage, trial._trial_id, settings.heartbeat):
         try:
             values = objective(trial, settings, layer_names)
         except optuna.TrialPruned:
             stamp_duration()
             study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM in a worker process
             mark_interrupted(study, study._storage.get_trial(trial._trial_id))
             raise
         except UserError as exc:
@@ -804,8 +957,10 @@ def execute_trial(study: optuna.Study, trial: optuna.trial.Trial, settings: Tune
             if frozen.user_attrs.get("binopt_interrupted") else "optuna rejected the values"
         )
     detail = error if frozen.state == TrialState.FAIL else _describe(frozen, settings.kept)
-    _log(settings, f"[tune w{worker}] trial {frozen.number} {frozen.state.name.lower()}: "
-                   f"{detail} ({time.time() - t0:.1f}s)")
+    if settings.verbose:
+        _log(settings, f"[tune w{worker}] trial {frozen.number} {frozen.state.name.lower()} "
+                       f"({_progress(study, settings.n_trials)}): {detail} "
+                       f"({time.time() - t0:.1f}s)")
     if user_error is not None:
         if "binopt_retry_of" in frozen.user_attrs:
             study.enqueue_trial(dict(frozen.params), user_attrs={
@@ -844,36 +999,44 @@ def run_worker(settings: TuneSettings, worker: int = 0, study: optuna.Study | No
     poll = max(0.2, min(2.0, settings.heartbeat / 2))
     while True:
         trial = None
-        with storage_lock(settings.storage):
-            reaped = reap_stale(study, settings.grace)
-            if reaped:
-                _log(settings, f"[tune w{worker}] trial(s) {reaped} were interrupted; "
-                               "retrying them")
-            trials = [t for t in study.get_trials(deepcopy=False) if counts_toward_budget(t)]
-            waiting = any(t.state == TrialState.WAITING for t in trials)
-            running = any(t.state == TrialState.RUNNING for t in trials)
-            if len(trials) < settings.n_trials or waiting:
-                trial = study.ask()
-                trial.set_user_attr(
-                    "binopt_worker",
-                    {"host": HOST, "pid": os.getpid(), "worker": worker, "ns": PID_NAMESPACE},
-                )
-                trial.set_user_attr("binopt_heartbeat", time.time())
-        if trial is None:
-            if running and settings.wait:
-                time.sleep(poll)
-                continue
-            break
-        counted = sorted(
-            t.number for t in study.get_trials(deepcopy=False) if counts_toward_budget(t)
-        )
-        if trial.number not in counted[: settings.n_trials]:
-            # Lost a race with another worker (server storages only): nothing trained.
-            trial.set_user_attr("binopt_surplus", True)
-            study.tell(trial, state=TrialState.FAIL)
-            break
-        execute_trial(study, trial, settings, layer_names, worker)
-        ran += 1
+        # marks the trial as this process's own live one from the moment it exists
+        token = uuid.uuid4().hex
+        _LIVE_TRIALS.add(token)
+        try:
+            with storage_lock(settings.storage):
+                reaped = reap_stale(study, settings.grace)
+                if reaped:
+                    _log(settings, f"[tune w{worker}] trial(s) {reaped} were interrupted; "
+                                   "retrying them")
+                trials = [t for t in study.get_trials(deepcopy=False)
+                          if counts_toward_budget(t)]
+                waiting = any(t.state == TrialState.WAITING for t in trials)
+                running = any(t.state == TrialState.RUNNING for t in trials)
+                if len(trials) < settings.n_trials or waiting:
+                    trial = study.ask()
+                    trial.set_user_attr(
+                        "binopt_worker",
+                        {"host": HOST, "pid": os.getpid(), "worker": worker,
+                         "ns": PID_NAMESPACE, "token": token},
+                    )
+                    trial.set_user_attr("binopt_heartbeat", time.time())
+            if trial is None:
+                if running and settings.wait:
+                    time.sleep(poll)
+                    continue
+                break
+            counted = sorted(
+                t.number for t in study.get_trials(deepcopy=False) if counts_toward_budget(t)
+            )
+            if trial.number not in counted[: settings.n_trials]:
+                # Lost a race with another worker (server storages only): nothing trained.
+                trial.set_user_attr("binopt_surplus", True)
+                study.tell(trial, state=TrialState.FAIL)
+                break
+            execute_trial(study, trial, settings, layer_names, worker)
+            ran += 1
+        finally:
+            _LIVE_TRIALS.discard(token)
     return ran
 
 
@@ -937,19 +1100,64 @@ def no_complete_trial_message(study: optuna.Study, n_trials: int) -> str | None:
     )
 
 
+_INTERRUPTED = threading.Event()
+
+
+def _interrupt_once(signum: int, frame: Any) -> None:
+    """Signal handler of the workers: the first SIGINT or SIGTERM interrupts the running
+    trial (which is then recorded as interrupted); later ones are ignored, so that the
+    recording is not cut short (Ctrl-C reaches a worker both from the terminal and, as
+    SIGTERM, from :func:`run_study`). The handler stays installed: switching to SIG_IGN
+    here would make Python raise ``OSError`` for a signal already pending."""
+    if _INTERRUPTED.is_set():
+        return
+    _INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
 def _worker_main(settings: TuneSettings, worker: int, threads: int) -> None:
     """Entry point of a spawned worker process."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt_once)
     import torch
 
     torch.set_num_threads(max(1, threads))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        run_worker(settings, worker)
+        # run_study has warned about a changed search space already
+        run_worker(settings, worker, open_study(settings, worker=worker, warn=False))
     except UserError as exc:
         print(f"binopt: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+#: Seconds :func:`run_study` gives interrupted workers to record their running trials.
+STOP_GRACE = 30.0
+
+
+def _stop_workers(procs: Sequence[multiprocessing.process.BaseProcess],
+                  grace: float = STOP_GRACE) -> None:
+    """Stop worker processes after Ctrl-C, letting them record their running trials.
+
+    Each worker turns the first SIGINT (from the terminal) or SIGTERM (sent here) into an
+    interruption of its trial, records it and exits; a worker still alive after ``grace``
+    seconds, or after a second Ctrl-C, is killed.
+    """
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.join(max(0.0, deadline - time.monotonic()))
+        except KeyboardInterrupt:  # asked again: stop waiting
+            deadline = time.monotonic()
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def check_workers(exits: list[tuple[str, int | None]]) -> None:
@@ -1018,10 +1226,11 @@ def run_study(settings: TuneSettings) -> optuna.Study:
         for p in procs:
             p.join()
     except KeyboardInterrupt:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.join()
+        _stop_workers(procs)
+        # a worker killed before it could record its trial leaves it RUNNING: record it
+        # now (its process is gone), so that the journal says what happened
+        with contextlib.suppress(Exception), storage_lock(settings.storage):
+            reap_stale(study, settings.grace)
         raise
     check_workers([(p.name, p.exitcode) for p in procs])
     return optuna.load_study(study_name=settings.study_name, storage=open_storage(settings.storage))

@@ -31,7 +31,11 @@ TINY = [
 
 DRIVER = textwrap.dedent(
     """
-    import os, sys, time
+    import os, signal, sys, time
+
+    # Ctrl-C as in a terminal, even when the tests run where SIGINT is ignored (a
+    # background job): Python keeps an inherited SIG_IGN
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     # Pay the import and data-loading costs before the study starts.
     import torch  # noqa: F401
@@ -50,15 +54,16 @@ DRIVER = textwrap.dedent(
                 epoch_callback(epoch, metrics)
         return real_train(config, epoch_callback=callback)
 
-    if sleep > 0:
+    if sleep > 0:  # also in the --jobs workers, which import this script again
         train_mod.train = slow_train
-    ready, go = os.environ.get("TUNE_TEST_READY"), os.environ.get("TUNE_TEST_GO")
-    if ready:
-        open(ready, "w").close()
-    while go and not os.path.exists(go):
-        time.sleep(0.05)
-    from applications.cli import main
-    sys.exit(main(sys.argv[1:]))
+    if __name__ == "__main__":
+        ready, go = os.environ.get("TUNE_TEST_READY"), os.environ.get("TUNE_TEST_GO")
+        if ready:
+            open(ready, "w").close()
+        while go and not os.path.exists(go):
+            time.sleep(0.05)
+        from applications.cli import main
+        sys.exit(main(sys.argv[1:]))
     """
 )
 
@@ -70,8 +75,11 @@ def driver(tmp_path: Path) -> Path:
     return path
 
 
-def start_worker(driver: Path, args: list[str], log: Path, **env: str) -> subprocess.Popen:
-    """Start ``binopt tune ARGS`` in a subprocess through the driver script."""
+def start_worker(driver: Path, args: list[str], log: Path, *, new_session: bool = False,
+                 **env: str) -> subprocess.Popen:
+    """Start ``binopt tune ARGS`` in a subprocess through the driver script (in a process
+    group of its own with ``new_session``, so that a test can signal it as a terminal's
+    Ctrl-C would: the process and its workers)."""
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
@@ -80,6 +88,7 @@ def start_worker(driver: Path, args: list[str], log: Path, **env: str) -> subpro
     return subprocess.Popen(
         [sys.executable, str(driver), "tune", *args],
         cwd=str(ROOT), env=full_env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+        start_new_session=new_session,
     )
 
 

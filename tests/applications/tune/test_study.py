@@ -15,6 +15,7 @@ import applications.sparsify.train as train_mod
 from applications.cli import main
 from applications.errors import UserError
 from applications.tune.report import pareto_front
+from applications.tune.space import SearchSpace
 from applications.tune.study import is_stale, resolve_storage
 
 from .conftest import TINY, load
@@ -132,6 +133,10 @@ def test_target_mode_reports_and_prunes(tmp_path, monkeypatch):
     assert t0.value == pytest.approx(t0.user_attrs["val_error"])  # budget 100%: feasible
     for t in study.trials[1:]:
         assert t.user_attrs["pruned_at_epoch"] == 1 and list(t.intermediate_values) == [1]
+        # a pruned trial is not exported: its kept fraction is the per-epoch proxy, recorded
+        # under its own name (it used to pass for the FLOPs kept)
+        assert "flops_kept_fraction" not in t.user_attrs
+        assert 0 <= t.user_attrs["gated_weights_kept_fraction"] <= 1
         lines = (Path(t.user_attrs["run_dir"]) / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 1  # training stopped after the first epoch
     best = json.loads((tmp_path / "best_trials.json").read_text())["best"]
@@ -305,12 +310,13 @@ def test_bad_arguments_are_user_errors(tmp_path, capsys):
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
-def test_stale_detection():
+def test_stale_detection(monkeypatch):
     import datetime
     import os
 
     from optuna.trial import create_trial
 
+    import applications.tune.study as study_mod
     from applications.tune.study import PID_NAMESPACE
 
     def running(attrs):
@@ -319,8 +325,13 @@ def test_stale_detection():
         return t
 
     now = 1e9
-    me = {"pid": os.getpid(), "ns": PID_NAMESPACE}
+    # this process's own trial: alive while this process runs it, whatever its heartbeat
+    me = {"pid": os.getpid(), "ns": PID_NAMESPACE, "token": "live"}
+    monkeypatch.setattr(study_mod, "_LIVE_TRIALS", {"live"})
     assert not is_stale(running({"binopt_worker": me, "binopt_heartbeat": 0}), 5, now)
+    # ... and gone once it no longer does (an earlier run in this process left it behind)
+    left = {"pid": os.getpid(), "ns": PID_NAMESPACE, "token": "earlier"}
+    assert is_stale(running({"binopt_worker": left, "binopt_heartbeat": now}), 5, now)
     dead = {"pid": 2**22 + 12345, "ns": PID_NAMESPACE}
     assert is_stale(running({"binopt_worker": dead, "binopt_heartbeat": now}), 5, now)
     # another machine (or container): only the heartbeat tells
@@ -347,3 +358,221 @@ def test_per_layer_lambda_study(tmp_path):
     assert {"lam[1]", "lam[3]"} <= set(trial.params)  # the gated layers of 784-16-10
     assert trial.user_attrs["config"]["lam"] == {
         "1": trial.params["lam[1]"], "3": trial.params["lam[3]"]}
+
+
+def _fake_train(calls: list | None = None):
+    """A training stand-in that returns a fixed summary at once (and records its folders)."""
+
+    def fake(config, *, epoch_callback=None):
+        if calls is not None:
+            calls.append(Path(config.out).name)
+        if epoch_callback is not None:
+            epoch_callback(1, {"val_error": 0.2, "gated_weights_kept_fraction": 0.5})
+        return {"val_error": 0.2, "test_error": 0.25, "flops_kept_fraction": 0.4,
+                "params_kept_fraction": 0.45, "architecture": "8-4", "out": config.out}
+
+    return fake
+
+
+def test_python_settings_get_the_documented_validation_fraction(tmp_path, monkeypatch):
+    """``train`` without ``validation_fraction`` (as from Python) used to train without a
+    validation split: every trial failed with ``val_error=None``."""
+    from applications.tune.study import TuneSettings, run_study
+
+    seen = []
+
+    def fake(config, *, epoch_callback=None):
+        seen.append(config.validation_fraction)
+        return _fake_train()(config, epoch_callback=epoch_callback)
+
+    monkeypatch.setattr(train_mod, "train", fake)
+    settings = TuneSettings(
+        storage=f"journal:{tmp_path / 'study.log'}", study_name="py", n_trials=1,
+        out=str(tmp_path), train={"model": "mlp", "dataset": "mnist5k", "epochs": 1,
+                                  "limit": 300}, verbose=False,
+    )
+    assert settings.train["validation_fraction"] == 0.2
+    study = run_study(settings)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] and seen == [0.2]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"space": {"lam": "0.1"}}, "space must be a SearchSpace; got dict"),
+        ({"train": [("epochs", 1)]}, "train must be a dict of training settings"),
+        ({"train": {"epoch": 1}}, "unknown training settings ['epoch']; the fixed settings "
+                                  "of a study are model, dataset"),
+        ({"train": {"validation_fraction": "0.2"}}, "--validation-fraction must lie"),
+    ],
+)
+def test_python_settings_are_checked(kwargs, message):
+    from applications.tune.study import TuneSettings
+
+    with pytest.raises(UserError) as info:
+        TuneSettings(storage="journal:/x", study_name="x", **kwargs)
+    assert message in str(info.value)
+
+
+def test_changed_training_settings_are_refused(pareto_study, monkeypatch, capsys):
+    """A resumed study with other training settings used to go on with a vague warning,
+    mixing trials trained differently (e.g. for 1 and for 2 epochs) on one front."""
+    monkeypatch.setattr(train_mod, "train", lambda *a, **k: pytest.fail("trained"))
+    base = ["tune", *TINY, "--trials", "3", "--storage", pareto_study["storage"],
+            "--study-name", "p", "--out", str(pareto_study["out"]), "--quiet"]
+    assert main([*base, "--epochs", "2", "--limit", "200"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        "binopt: error: study 'p' was created with other training settings: --epochs 1 "
+        "(given: 2); --limit 300 (given: 200). Its trials and new ones would not be "
+        "comparable: resume it with the settings it was created with, or pick another "
+        "--study-name")
+    # the machine may change (device, data folder), and the search space with a warning
+    # that says what changed
+    assert main([*base, "--device", "cpu", "--lam", "0.01:0.1"]) == 0
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("binopt tune: warning: the search space differs from the one "
+                           "study 'p' was created with (lam 0.001:1 (log), now 0.01:0.1 (log))")
+    assert len(load(pareto_study["storage"], "p").trials) == 3
+
+
+def test_train_differences_fill_in_defaults():
+    """A study made from Python with a few settings and resumed from the command line (which
+    gives them all) has the same settings."""
+    from applications.tune.study import train_differences
+
+    cli = {"model": "mlp", "dataset": "mnist5k", "data_root": None, "epochs": 10,
+           "batch_size": 100, "optimizer": "adam", "weight_decay": 0.0, "seed": 0,
+           "device": "auto", "amp": False, "limit": None, "model_options": {},
+           "validation_fraction": 0.2}
+    assert train_differences({"model": "mlp", "epochs": 10}, cli) == []
+    assert train_differences({"model": "mlp", "epochs": 10, "device": "cuda"},
+                             {**cli, "model_options": {"hidden": [16]}}) == [
+        '--model-options {} (given: {"hidden": [16]})']
+
+
+def test_trial_left_running_by_this_process_is_retried(tmp_path, monkeypatch):
+    """A trial that an earlier run in this very process left RUNNING (a notebook cell
+    stopped between two steps) was taken for a live one: the study waited for it forever
+    (or, without waiting, never ran its retry)."""
+    import os
+
+    from applications.tune.study import HOST, PID_NAMESPACE, TuneSettings, open_study, run_worker
+
+    monkeypatch.setattr(train_mod, "train", _fake_train())
+    settings = TuneSettings(storage=f"journal:{tmp_path / 'study.log'}", study_name="nb",
+                            n_trials=1, out=str(tmp_path), wait=False, verbose=False,
+                            space=SearchSpace(estimator=("arm",)))
+    study = open_study(settings)
+    left = study.ask()
+    left.set_user_attr("binopt_worker", {"host": HOST, "pid": os.getpid(), "worker": 0,
+                                         "ns": PID_NAMESPACE, "token": "an earlier run"})
+    assert run_worker(settings, 0, study) == 1
+    trials = load(settings.storage, "nb").trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[0].user_attrs["binopt_interrupted"]
+    assert trials[1].user_attrs["binopt_retry_of"] == 0
+
+
+def test_progress_lines(tmp_path, monkeypatch, capsys):
+    """Each trial says when it starts, and when it ends how many of --trials are done."""
+    monkeypatch.setattr(train_mod, "train", _fake_train())
+    rc = main(["tune", *TINY, "--trials", "2", "--storage", f"journal:{tmp_path / 's.log'}",
+               "--study-name", "g", "--out", str(tmp_path)])
+    assert rc == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[tune w0]")]
+    assert lines[0] == "[tune w0] trial 0 started"
+    assert lines[1].startswith("[tune w0] trial 0 complete (1/2 done): val 20.00% test "
+                               "25.00% flops kept 40.00% arch 8-4 (")
+    assert lines[3].startswith("[tune w0] trial 1 complete (2/2 done)")
+
+
+def _retrain(storage: str, number: int, tmp_path: Path, capsys) -> tuple[list[str], dict]:
+    """Run the command ``binopt tune --command`` prints; returns it and its summary."""
+    import shlex
+
+    assert main(["tune", "--command", str(number), "--storage", storage]) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    args = shlex.split(line)
+    assert args[:2] == ["binopt", "sparsify"]
+    out = tmp_path / "again"
+    args[args.index("--out") + 1] = str(out)
+    assert main([*args[1:], "--no-progress"]) == 0
+    return args, json.loads((out / "summary.json").read_text())
+
+
+def _same_network(trial, summary) -> None:
+    a = trial.user_attrs
+    for key in ("val_error", "test_error", "flops_kept_fraction", "architecture"):
+        assert summary[key] == a[key], key
+
+
+def test_command_trains_the_trial_again(pareto_study, tmp_path, capsys):
+    """There was no way to get the exact ``binopt sparsify`` command of a trial."""
+    study = load(pareto_study["storage"], "p")
+    trial = study.trials[1]
+    # the printed command writes next to the study, not into the trial's own folder
+    assert main(["tune", "--command", "1", "--storage", pareto_study["storage"]]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed.endswith(f"--out {pareto_study['out'] / 'retrain' / '0001'}")
+    args, summary = _retrain(pareto_study["storage"], 1, tmp_path, capsys)
+    _same_network(trial, summary)
+    # the JSON files hold the command of every trial
+    data = json.loads((pareto_study["out"] / "trials.json").read_text())
+    assert data["trials"][1]["command"] == printed
+
+
+def test_command_of_a_per_layer_hard_concrete_trial(tmp_path, capsys):
+    storage = f"journal:{tmp_path / 'study.log'}"
+    rc = main(["tune", *TINY, "--trials", "1", "--storage", storage, "--study-name", "h",
+               "--out", str(tmp_path), "--lam-per-layer", "--estimator", "hard_concrete",
+               "--quiet"])
+    assert rc == 0
+    capsys.readouterr()
+    args, summary = _retrain(storage, 0, tmp_path, capsys)
+    assert args[args.index("--lam") + 1].startswith("1=")  # one lambda per gated layer
+    _same_network(load(storage, "h").trials[0], summary)
+
+
+def test_command_errors(pareto_study, capsys):
+    assert main(["tune", "--command", "7", "--storage", pareto_study["storage"]]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == ("binopt: error: --command takes a trial number of study 'p' (0 to 2); "
+                    "got 7")
+
+
+def test_every_training_setting_has_a_sparsify_option():
+    """A new TrainConfig field must be added to the command (else it is not exact)."""
+    import dataclasses
+
+    from applications.tune.report import SPARSIFY_OPTIONS
+
+    fields = {f.name for f in dataclasses.fields(train_mod.TrainConfig)}
+    assert fields <= set(SPARSIFY_OPTIONS), sorted(fields - set(SPARSIFY_OPTIONS))
+
+
+def test_plot_labels_coinciding_trials_and_marks_budget_and_best(monkeypatch, tmp_path):
+    """Trials with the same results were labelled on top of each other; in target mode the
+    plot showed neither the budget nor the chosen trial."""
+    import matplotlib.figure
+
+    from applications.tune.report import StudyReport, plot_pareto
+
+    def rec(n, e, k):
+        return {"number": n, "state": "COMPLETE", "val_error": e, "test_error": e,
+                "flops_kept_fraction": k}
+
+    records = [rec(0, 0.9, 0.001), rec(1, 0.2, 0.5), rec(2, 0.9, 0.001), rec(3, 0.3, 0.05)]
+    rep = StudyReport(study_name="s", mode="target", kept="flops",
+                      settings={"budget": 0.1, "weight": None}, records=records,
+                      front=pareto_front(records), best=records[3], reference=None)
+    figures = []
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, *a, **k: (figures.append(self), real(self, *a, **k)))
+    plot_pareto(rep, tmp_path / "p.png")
+    (ax,) = figures[0].axes
+    assert sorted(t.get_text() for t in ax.texts) == ["0,2", "1", "3"]
+    labels = ax.get_legend_handles_labels()[1]
+    assert "budget (10.0% FLOPs)" in labels and "best trial (3)" in labels
+    assert ax.get_xlabel() == "FLOPs kept (%)" and ax.get_ylabel() == "error (%)"

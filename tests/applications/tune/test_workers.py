@@ -123,3 +123,47 @@ def test_run_study_from_an_unguarded_script_fails_loudly(tmp_path):
     assert proc.returncode != 0
     assert "all 2 worker processes failed" in proc.stderr
     assert 'if __name__ == "__main__"' in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("jobs", "how"), [("2", "ctrl-c"), ("1", "sigterm")], ids=["ctrl-c-2-workers", "sigterm"]
+)
+def test_interrupt_records_running_trials_and_says_how_to_go_on(tmp_path, driver, jobs, how):
+    """Ctrl-C at the terminal (SIGINT to the command and its workers) used to leave the
+    workers' trials RUNNING, because the command killed its workers at once; SIGTERM (a
+    scheduler's time limit) killed a single worker outright, with the same effect."""
+    storage = f"journal:{tmp_path / 'study.log'}"
+    args = [*TINY, "--epochs", "30", "--trials", "4", "--jobs", jobs, "--storage", storage,
+            "--study-name", "i", "--out", str(tmp_path), "--quiet"]
+    log = tmp_path / "run.log"
+    proc = start_worker(driver, args, log, new_session=True, TUNE_TEST_EPOCH_SLEEP="0.5")
+    try:
+        def running() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError("exited early: " + log.read_text())
+            if not Path(storage[len("journal:"):]).exists():
+                return False
+            trials = load(storage, "i").trials
+            return sum(t.state == TrialState.RUNNING for t in trials) == int(jobs)
+
+        wait_until(running, 90, f"{jobs} running trial(s)")
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.terminate()
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out = log.read_text()
+    assert "Traceback" not in out, out
+    assert "run the same command again to continue" in out
+    trials = load(storage, "i").trials
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING]
+    interrupted = [t for t in trials if t.user_attrs.get("binopt_interrupted")]
+    assert len(interrupted) == int(jobs)
+    assert all(t.state == TrialState.FAIL for t in interrupted)
+    retries = [t for t in trials if t.state == TrialState.WAITING]
+    assert sorted(t.user_attrs["binopt_retry_of"] for t in retries) == sorted(
+        t.number for t in interrupted)
