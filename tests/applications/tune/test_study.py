@@ -531,6 +531,8 @@ def test_command_of_a_per_layer_hard_concrete_trial(tmp_path, capsys):
     capsys.readouterr()
     args, summary = _retrain(storage, 0, tmp_path, capsys)
     assert args[args.index("--lam") + 1].startswith("1=")  # one lambda per gated layer
+    # hard concrete has its own gate: no parameterization options that would do nothing
+    assert "--parameterization" not in args and "--k" not in args
     _same_network(load(storage, "h").trials[0], summary)
 
 
