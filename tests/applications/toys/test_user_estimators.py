@@ -212,3 +212,15 @@ def test_bias_p_value():
     assert bias_p_value(float("inf"), 4) == 0.0
     with pytest.raises(ValueError, match="tests must be an int >= 1; got 0"):
         bias_p_value(1.0, 0)
+
+
+def test_estimator_colours_leave_red_to_the_bias_marking():
+    """Red names the estimators with a detected bias: no estimator's own colour is red."""
+    import matplotlib
+
+    from applications.toys.plotting import _colors
+
+    red = matplotlib.colormaps["tab10"](3)
+    colours = _colors([f"e{i}" for i in range(12)])
+    assert red not in colours.values()
+    assert len(set(list(colours.values())[:9])) == 9  # the first nine all differ
