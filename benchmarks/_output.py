@@ -4,7 +4,9 @@ A run with the default settings writes the committed result ``RESULTS/<stem>.jso
 with other settings writes ``RESULTS/<stem>_<settings>.json``, ``<settings>`` naming the
 settings that differ from the defaults, so that it never overwrites the committed result
 unless ``--out`` names it. ``--smoke``/``--quick`` runs are named by their scripts
-(``<stem>_smoke.json``, ``<stem>_quick.json``: ignored by git).
+(``<stem>_smoke.json``, ``<stem>_quick.json``: ignored by git). Scripts that write several
+files, or take a folder rather than a file, put the name part from :func:`settings_stem`
+(``<stem>`` or ``<stem>_<settings>``) in front of each file's own ending.
 
 The scripts import this as ``benchmarks._output`` after putting the repository root on
 ``sys.path``, which works both when they run as ``python benchmarks/x.py`` and when tests
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +46,36 @@ def settings_slug(changed: Mapping[str, Any]) -> str:
 
 def changed_settings(args: argparse.Namespace | Mapping[str, Any],
                      parser: argparse.ArgumentParser, ignore: Iterable[str] = (),
-                     defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                     defaults: Mapping[str, Any] | None = None,
+                     base_argv: Sequence[str] = ()) -> dict[str, Any]:
     """The settings of ``args`` that differ from the parser's defaults (``defaults``
     updates those), leaving out ``out``, the keys in ``ignore`` and keys the parser does
-    not define."""
+    not define. The parser's defaults are those of ``parser.parse_args(base_argv)``: give
+    ``base_argv`` the positional arguments a parser requires."""
     values = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
-    base = {**vars(parser.parse_args([])), **(defaults or {})}
+    base = {**vars(parser.parse_args(list(base_argv))), **(defaults or {})}
     skip = {"out", *ignore}
     return {k: v for k, v in values.items() if k not in skip and k in base and v != base[k]}
+
+
+def settings_stem(stem: str, args: argparse.Namespace | Mapping[str, Any],
+                  parser: argparse.ArgumentParser, ignore: Iterable[str] = (),
+                  defaults: Mapping[str, Any] | None = None,
+                  base_argv: Sequence[str] = ()) -> str:
+    """``stem`` when every setting of ``args`` is the default, else ``<stem>_<slug>`` with
+    the :func:`settings_slug` of the settings that differ (see :func:`changed_settings` for
+    ``ignore``, ``defaults`` and ``base_argv``): the name part, before the file endings, of
+    every file a run writes.
+
+    >>> import argparse
+    >>> p = argparse.ArgumentParser()
+    >>> _ = p.add_argument("--steps", type=int, default=10)
+    >>> settings_stem("vae_bar", p.parse_args([]), p), settings_stem(
+    ...     "vae_bar", p.parse_args(["--steps", "5"]), p)
+    ('vae_bar', 'vae_bar_steps-5')
+    """
+    changed = changed_settings(args, parser, ignore, defaults, base_argv)
+    return f"{stem}_{settings_slug(changed)}" if changed else stem
 
 
 def settings_path(stem: str, args: argparse.Namespace | Mapping[str, Any],
@@ -61,6 +85,4 @@ def settings_path(stem: str, args: argparse.Namespace | Mapping[str, Any],
     """``results/<stem>.json`` when every setting of ``args`` is the default, else
     ``results/<stem>_<slug>.json`` with the :func:`settings_slug` of the settings that
     differ (see :func:`changed_settings` for ``ignore`` and ``defaults``)."""
-    changed = changed_settings(args, parser, ignore, defaults)
-    name = f"{stem}_{settings_slug(changed)}.json" if changed else f"{stem}.json"
-    return Path(results) / name
+    return Path(results) / f"{settings_stem(stem, args, parser, ignore, defaults)}.json"

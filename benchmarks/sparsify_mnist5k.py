@@ -16,8 +16,22 @@ Usage::
     python benchmarks/sparsify_mnist5k.py            # full run (~30 min on 2 idle cores)
     python benchmarks/sparsify_mnist5k.py --quick    # smoke test (~1 min)
 
-Writes ``benchmarks/results/sparsify_mnist5k.{json,md,png}`` (``_quick`` with ``--quick``);
-the individual runs (metrics, checkpoints, summaries, exported models) go to ``--runs``.
+Writes ``benchmarks/results/sparsify_mnist5k.{json,md,png}`` (the committed result) with
+the default settings, ``sparsify_mnist5k_quick.{json,md,png}`` with ``--quick`` (whatever
+the other options), and ``sparsify_mnist5k_<settings>.{json,md,png}`` otherwise, where
+``<settings>`` spells out the options that differ from the defaults (``--models mlp
+--seeds 0`` writes ``sparsify_mnist5k_models-mlp_seeds-0.*``; see :func:`output_stem`), so
+that such a run never overwrites the committed files. ``--seeds``/``--models`` name the
+runs they select (in any order: ``--seeds 4 3 2 1 0`` is the default). Left out of the
+name, because they do not change what is measured: ``--workers`` (every run trains on one
+thread of its own, so the number of runs in parallel changes the wall times, not the
+results), ``--runs`` and ``--results``
+(locations), ``--reuse`` (which earlier runs with the same settings are read back) and
+``--replot`` (re-renders the files of the run its other options name). The individual
+runs (metrics, checkpoints, summaries, exported models) go to ``--runs``, by default
+``runs/sparsify_mnist5k`` (``runs/sparsify_mnist5k_quick`` with ``--quick``) for every
+selection of seeds and models: a run folder is named by its model, method, lambda and
+seed, so a partial benchmark reads back (or fills in) runs of the full one.
 An interrupted benchmark restarts where it stopped: finished runs are read back from their
 ``summary.json``, unfinished ones resume from their checkpoints.
 
@@ -58,6 +72,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks._output import settings_stem  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 #: Per run folder: the git revisions of the code that trained the run (see run_one).
 REVISION_FILE = "benchmark_revision.json"
@@ -65,6 +81,7 @@ REUSE_POLICIES = ("same-revision", "any", "never")
 LABELS = {"dense": "dense", "arm": "L0-ARM", "hard_concrete": "L0-HC"}
 TARGET_KEPT = {"mlp": 0.10, "lenet5": 0.05}
 MODEL_NAMES = {"mlp": "MLP 784-300-100-10", "lenet5": "LeNet-5-Caffe 20-50-800-500"}
+MODELS = ("mlp", "lenet5")
 
 # Per-model settings of the full benchmark (see docs/sparsify/results.md for how they were
 # chosen). "gated" holds the gate settings shared by L0-ARM and L0-HC: the learning rate of
@@ -355,8 +372,9 @@ def markdown(payload: dict[str, Any]) -> str:
                              f"{_pct(same['params_kept'])}% weights")
                 lines.append(text)
         lines.append("")
-    lines += ["![error vs weights kept](sparsify_mnist5k"
-              + ("_quick" if payload.get("quick") else "") + ".png)", ""]
+    stem = payload.get("benchmark") or ("sparsify_mnist5k"
+                                        + ("_quick" if payload.get("quick") else ""))
+    lines += [f"![error vs weights kept]({stem}.png)", ""]
     return "\n".join(lines)
 
 
@@ -410,23 +428,59 @@ def plot(payload: dict[str, Any], path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke version (~1 minute)")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
-    p.add_argument("--models", nargs="+", default=["mlp", "lenet5"], choices=["mlp", "lenet5"])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--workers", type=int, default=2, help="parallel runs (1 thread each)")
     p.add_argument("--runs", default=None, help="folder for the individual runs")
-    p.add_argument("--results", default=str(RESULTS), help="folder for the result files")
+    p.add_argument("--results", default=str(RESULTS),
+                   help="folder for the result files (sparsify_mnist5k.{json,md,png} with "
+                   "the default settings, sparsify_mnist5k_quick.* with --quick, else "
+                   "sparsify_mnist5k_<settings>.* naming the options that differ)")
     p.add_argument("--replot", action="store_true",
-                   help="only re-render the .md and .png from the existing .json")
+                   help="only re-render the .md and .png from the existing .json (of the "
+                   "run the other options name)")
     p.add_argument("--reuse", choices=REUSE_POLICIES, default="same-revision",
                    help="finished (or interrupted) runs in --runs to read back (or resume): "
                    "only those of the current git revision (default; re-run the others "
                    "from scratch), any, or never")
-    args = p.parse_args(argv)
+    return p
+
+
+#: Options that do not change what is measured (see the module docstring).
+_NOT_SETTINGS = frozenset({"workers", "runs", "results", "reuse", "replot"})
+
+
+def _seeds(args: argparse.Namespace) -> list[int]:
+    # five seeds: the last-epoch test error of an L0-ARM run moves by about 0.6 points
+    # between runs that differ only in float rounding, so three seeds left the mean
+    # uncertain by about 0.35 points (docs/sparsify/results.md)
+    return args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2, 3, 4])
+
+
+def output_stem(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """The name of the result files, before ``.json``/``.md``/``.png``.
+
+    ``sparsify_mnist5k`` (the committed result) with the default settings,
+    ``sparsify_mnist5k_quick`` with ``--quick``, else ``sparsify_mnist5k_<settings>``
+    naming the options that differ (:func:`benchmarks._output.settings_stem`), seeds and
+    models compared as sets; the options in :data:`_NOT_SETTINGS` are left out.
+    """
+    if args.quick:
+        return "sparsify_mnist5k_quick"
+    values = {**vars(args), "seeds": sorted(set(_seeds(args))),
+              "models": [m for m in MODELS if m in args.models]}
+    return settings_stem("sparsify_mnist5k", values, parser, ignore=_NOT_SETTINGS,
+                         defaults={"seeds": _seeds(parser.parse_args([]))})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    tag = output_stem(args, parser)
     if args.replot:
-        tag = "sparsify_mnist5k" + ("_quick" if args.quick else "")
         results = Path(args.results)
         payload = json.loads((results / f"{tag}.json").read_text())
         payload["verdicts"] = verdicts(payload["rows"])
@@ -437,13 +491,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     settings = QUICK if args.quick else FULL
-    # five seeds: the last-epoch test error of an L0-ARM run moves by about 0.6 points
-    # between runs that differ only in float rounding, so three seeds left the mean
-    # uncertain by about 0.35 points (docs/sparsify/results.md)
-    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2, 3, 4])
+    seeds = _seeds(args)
     limit = 500 if args.quick else None
-    tag = "sparsify_mnist5k" + ("_quick" if args.quick else "")
-    runs_dir = Path(args.runs or ROOT / "runs" / tag)
+    # shared by every selection of seeds and models (see the module docstring)
+    runs_dir = Path(args.runs or ROOT / "runs" / ("sparsify_mnist5k"
+                                                  + ("_quick" if args.quick else "")))
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     specs = plan_runs(settings, seeds, runs_dir, limit, args.models)

@@ -4,8 +4,17 @@ Reference: the exact optimum by enumeration for n <= 20, greedy + single-flip lo
 (best of 20 random orders) for larger n. For each graph size, estimator and seed (seed =
 initial logits and estimator noise; the graph is fixed per n) the script reports the cut of
 the rounded logits and the best cut among the monitoring samples, as ratios to the
-reference: mean +- standard error over seeds. Writes ``benchmarks/results/maxcut_<name>.json``
-and ``.png``.
+reference: mean +- standard error over seeds.
+
+Writes ``maxcut_<name>.json`` and ``.png`` into the folder ``--out`` (default
+``benchmarks/results``). Without ``--name``, ``<name>`` is ``random_graphs`` with the
+default settings (the committed ``maxcut_random_graphs.{json,png}``) and
+``random_graphs_<settings>`` otherwise, ``<settings>`` naming the options that differ from
+the defaults (``--steps 100 --seeds 1`` writes ``maxcut_random_graphs_seeds-1_steps-100.*``;
+see :func:`output_stem`), so that such a run never overwrites the committed files.
+``--workers`` and ``--out`` are left out of the name: every run is seeded and runs on one
+thread, so the number of processes does not change the results. ``--name`` is taken as
+given (its files are ``maxcut_<--name>.*``, whatever the settings).
 
 Usage::
 
@@ -43,6 +52,7 @@ from applications.toys.maxcut import (  # noqa: E402
     optimize_logits,
     random_maxcut,
 )
+from benchmarks._output import settings_stem  # noqa: E402
 
 EXACT_MAX_N = 20
 
@@ -84,8 +94,7 @@ def _run(job: dict) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[10, 16, 20, 50, 100, 200])
     p.add_argument("--edge-prob", type=float, default=0.5)
@@ -97,9 +106,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--name", default="random_graphs")
-    p.add_argument("--out", default=default_results_dir(ROOT))
-    args = p.parse_args(argv)
+    p.add_argument("--name", default=None,
+                   help="file name stem after maxcut_, taken as given (default: "
+                   "random_graphs with the default settings, else "
+                   "random_graphs_<settings> naming the options that differ)")
+    p.add_argument("--out", default=default_results_dir(ROOT), help="output folder")
+    return p
+
+
+def output_stem(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """``maxcut_<--name>``; without ``--name`` ``maxcut_random_graphs`` with the default
+    settings and ``maxcut_random_graphs_<settings>`` otherwise
+    (:func:`benchmarks._output.settings_stem`; ``--workers`` and ``--out`` left out)."""
+    if args.name is not None:
+        return f"maxcut_{args.name}"
+    return settings_stem("maxcut_random_graphs", args, parser, ignore={"workers", "name"})
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    stem = output_stem(args, parser)
     estimators = [e.strip() for e in args.estimators.split(",") if e.strip()]
     base = dict(edge_prob=args.edge_prob, graph_seed=args.graph_seed)
     t0 = time.time()
@@ -166,7 +194,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(table)
     out = Path(args.out)
-    stem = f"maxcut_{args.name}"
     command = " ".join(["python benchmarks/toys_maxcut.py", *(shlex.quote(a) for a in argv)])
     write_json(
         out / f"{stem}.json",

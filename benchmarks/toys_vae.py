@@ -14,12 +14,25 @@
     same minibatch ("gradient basket"), giving variance and variance x evaluations along
     the shared trajectory.
 
-Outputs go to ``benchmarks/results/vae_<name>.json`` and ``.png`` with the exact command.
+Outputs go to ``vae_<name>.json`` and ``.png`` (with the exact command) in the folder
+``--out`` (default ``benchmarks/results``). The defaults are the settings of the committed
+results (``bar``: 20,000 steps, 3 seeds; ``basket``: 5,000 steps, 200 estimates at steps
+0, 100, 300, 1000, 2000, 3000 and 5000), and without ``--name`` the name is
+``<experiment>_<kind>`` with the default settings (the committed
+``vae_{bar_linear,bar_nonlinear,basket_linear}.*``) and ``<experiment>_<kind>_<settings>``
+otherwise, ``<settings>`` naming the options that differ from the experiment's defaults
+(``bar --steps 6000`` writes ``vae_bar_linear_steps-6000.*``; see :func:`output_stem`), so
+that such a run never overwrites a committed result. Left out of the name: ``--workers``
+(seeded runs, one thread each in ``bar``; the torch threads of the one ``basket`` run),
+``--out``, and the options the experiment does not use (``--train-estimator``,
+``--reps``, ``--basket-steps`` for ``bar``; ``--seeds`` for ``basket``). ``--name`` is
+taken as given (its files are ``vae_<--name>.*``, whatever the settings).
 
 Usage::
 
-    python benchmarks/toys_vae.py bar --kind linear --steps 6000 --seeds 3
-    python benchmarks/toys_vae.py basket --kind linear --steps 3000
+    python benchmarks/toys_vae.py bar --kind linear          # vae_bar_linear.{json,png}
+    python benchmarks/toys_vae.py bar --kind linear --steps 6000 --seeds 2
+    python benchmarks/toys_vae.py basket --kind linear       # vae_basket_linear.{json,png}
     python benchmarks/toys_vae.py replot --json benchmarks/results/vae_bar_linear.json
 """
 
@@ -52,6 +65,20 @@ from applications.toys._common import (  # noqa: E402
 )
 from applications.toys.plotting import plot_basket  # noqa: E402
 from applications.toys.vae import load_mnist, train_vae  # noqa: E402
+from benchmarks._output import settings_stem  # noqa: E402
+
+#: Per experiment: the defaults of the options whose parser default is None (those of the
+#: committed results).
+EXPERIMENT_DEFAULTS = {
+    "bar": {"estimators": "disarm,reinforce_loo", "steps": 20000},
+    "basket": {"estimators": "reinforce,reinforce_loo,arm,disarm,straight_through,gumbel",
+               "steps": 5000},
+}
+#: Per experiment: the options left out of the output name (see the module docstring).
+NOT_SETTINGS = {
+    "bar": frozenset({"workers", "name", "json", "train_estimator", "reps", "basket_steps"}),
+    "basket": frozenset({"workers", "name", "json", "seeds"}),
+}
 
 
 def _one_run(job: dict) -> dict:
@@ -195,8 +222,7 @@ def basket(args: argparse.Namespace, command: str) -> None:
     torch.set_num_threads(max(1, args.workers))
     data = load_mnist()
     spec = parse_estimator_list(args.train_estimator)[0]
-    steps = sorted({int(s) for s in args.basket_steps.split(",")} | {0})
-    steps = [s for s in steps if s <= args.steps]
+    steps = [s for s in _basket_steps(args.basket_steps) if s <= args.steps]
     t0 = time.time()
     out = train_vae(
         data,
@@ -263,31 +289,67 @@ def _plot_basket(payload: dict, path: Path) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("experiment", choices=("bar", "basket", "replot"))
     p.add_argument("--kind", choices=("linear", "nonlinear"), default="linear")
-    p.add_argument("--estimators", default=None)
+    p.add_argument("--estimators", default=None,
+                   help="default: disarm,reinforce_loo for bar, all Monte Carlo ones for "
+                   "basket")
     p.add_argument("--train-estimator", default="disarm")
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (default: 20000 for bar, 5000 for basket)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--reps", type=int, default=200)
-    p.add_argument("--basket-steps", default="0,100,300,1000,2000,3000")
+    p.add_argument("--basket-steps", default="0,100,300,1000,2000,3000,5000")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--name", default=None)
+    p.add_argument("--name", default=None,
+                   help="file name stem after vae_, taken as given (default: "
+                   "EXPERIMENT_KIND with the default settings, else "
+                   "EXPERIMENT_KIND_<settings> naming the options that differ)")
     p.add_argument("--out", default=default_results_dir(ROOT), help="output folder")
     p.add_argument("--json", nargs="*", help="replot: bar or basket JSON files to redraw")
-    args = p.parse_args(argv)
-    if args.estimators is None:
-        args.estimators = (
-            "disarm,reinforce_loo"
-            if args.experiment == "bar"
-            else "reinforce,reinforce_loo,arm,disarm,straight_through,gumbel"
-        )
+    return p
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The options, with the experiment's defaults filled in (:data:`EXPERIMENT_DEFAULTS`)."""
+    args = parser.parse_args(argv)
+    for key, value in EXPERIMENT_DEFAULTS.get(args.experiment, {}).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def _basket_steps(text: str) -> list[int]:
+    return sorted({int(s) for s in text.split(",")} | {0})
+
+
+def output_stem(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """``vae_<--name>``; without ``--name`` ``vae_<experiment>_<kind>`` with the default
+    settings of the experiment and ``vae_<experiment>_<kind>_<settings>`` otherwise
+    (:func:`benchmarks._output.settings_stem`; the options in :data:`NOT_SETTINGS` left
+    out; ``--estimators`` compared without spaces, ``--basket-steps`` as a set)."""
+    if args.name is not None:
+        return f"vae_{args.name}"
+    defaults = parse_args(parser, [args.experiment])
+
+    def normal(a: argparse.Namespace) -> dict:
+        return {**vars(a), "estimators": ",".join(e.strip() for e in a.estimators.split(",")),
+                "basket_steps": _basket_steps(a.basket_steps)}
+
+    return settings_stem(f"vae_{args.experiment}_{args.kind}", normal(args), parser,
+                         ignore=NOT_SETTINGS[args.experiment] | {"kind"},
+                         defaults=normal(defaults), base_argv=[args.experiment])
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parse_args(parser, argv)
     if args.experiment == "replot":  # redraw a figure from its committed JSON
         for path in args.json or []:
             payload, png = json.loads(Path(path).read_text()), Path(path).with_suffix(".png")
@@ -297,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
                 _plot_basket(payload, png)
             print(f"wrote {png}")
         return
-    args.name = args.name or f"{args.experiment}_{args.kind}"
+    args.name = output_stem(args, parser)[len("vae_"):]
     command = " ".join(["python benchmarks/toys_vae.py", *(shlex.quote(a) for a in argv)])
     (bar if args.experiment == "bar" else basket)(args, command)
 

@@ -1,7 +1,8 @@
 """``binopt variance`` runs whose outputs are committed, and the check of the issue's bar.
 
 Runs (each writes ``benchmarks/results/variance_<name>.json`` and ``.png`` through the CLI,
-and its printed table to ``variance_<name>.txt``):
+and its printed table to ``variance_<name>.txt``; see "Output names" below for runs with
+other settings):
 
 - ``toy_bar``: the Yin-Zhou toy, p0 = 0.49, D = 1, at phi = 0 and phi = 2. The bar: the
   variances of REINFORCE, ARM and DisARM agree with ``binopt.diagnostics.exact_variance``
@@ -11,6 +12,16 @@ and its printed table to ``variance_<name>.txt``):
 - ``maxcut_n10``: max-cut on G(10, 0.5) after 100 DisARM steps from small random logits.
 - ``vae_linear_step0`` / ``vae_linear_step2000``: the binary VAE's encoder-gradient
   variance at initialization and after 2,000 DisARM steps.
+
+Output names: the files go to the folder ``--out`` (default ``benchmarks/results``). A run
+whose ``binopt`` arguments are those of the default settings writes its committed name,
+``variance_<name>.*``; a run whose arguments differ (``--num-samples`` other than 200,000
+changes ``toy_bar``, ``toy_D10`` and ``maxcut_n10``, not the two VAE runs, which always
+take 400 estimates) writes ``variance_<name>_<settings>.*`` (``--num-samples 1000``:
+``variance_toy_bar_num_samples-1000.*``; see :func:`output_stems`), so that it never
+overwrites a committed result. Left out of the names: ``--only`` (it selects runs, each
+with its own settings), ``--workers`` (one process per run, one thread each: the results
+do not depend on it) and ``--out``.
 
 Usage::
 
@@ -36,6 +47,7 @@ from applications.toys._common import (  # noqa: E402
     dumps_compact,
     environment,
 )
+from benchmarks._output import settings_stem  # noqa: E402
 
 Z_MAX = 4.0
 BENCHMARK_COMMAND = " ".join(["python benchmarks/toys_variance.py", *sys.argv[1:]])
@@ -97,18 +109,33 @@ def runs(n: int) -> dict[str, list[str]]:
     }
 
 
-def _one(job: tuple[str, list[str], str]) -> tuple[str, int, str]:
+def output_stems(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, str]:
+    """The file name stem of every run, by run name: ``variance_<name>`` when the run's
+    ``binopt`` arguments are those of the default settings, else
+    ``variance_<name>_<settings>`` naming the options that differ
+    (:func:`benchmarks._output.settings_stem`; ``--only``, ``--workers`` and ``--out`` left
+    out)."""
+    table = runs(args.num_samples)
+    default = runs(parser.parse_args([]).num_samples)
+    return {
+        name: (f"variance_{name}" if argv == default[name] else
+               settings_stem(f"variance_{name}", args, parser, ignore={"only", "workers"}))
+        for name, argv in table.items()
+    }
+
+
+def _one(job: tuple[str, list[str], str, str]) -> tuple[str, int, str]:
     import torch
 
     from applications.cli import main as cli_main
 
     torch.set_num_threads(1)
-    name, argv, out = job
+    name, argv, out, stem = job
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = cli_main([*argv, "--out", out, "--name", f"variance_{name}"])
-    Path(out, f"variance_{name}.txt").write_text(buf.getvalue())
-    path = Path(out, f"variance_{name}.json")
+        rc = cli_main([*argv, "--out", out, "--name", stem])
+    Path(out, f"{stem}.txt").write_text(buf.getvalue())
+    path = Path(out, f"{stem}.json")
     if path.exists():
         data = json.loads(path.read_text())
         data["benchmark_command"] = BENCHMARK_COMMAND
@@ -155,23 +182,31 @@ def check_bar(path: Path) -> dict:
     return verdict
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="+", default=None, help="run names (default: all)")
-    p.add_argument("--num-samples", type=int, default=200_000)
+    p.add_argument("--num-samples", type=int, default=200_000,
+                   help="estimates for toy_bar (a quarter for toy_D10 and maxcut_n10); "
+                   "other values write variance_<name>_num_samples-N.* for those runs")
     p.add_argument("--workers", type=int, default=3)
-    p.add_argument("--out", default=default_results_dir(ROOT))
-    args = p.parse_args(argv)
+    p.add_argument("--out", default=default_results_dir(ROOT), help="output folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
     table = runs(args.num_samples)
+    stems = output_stems(args, parser)
     names = args.only or list(table)
-    jobs = [(name, table[name], args.out) for name in names]
+    jobs = [(name, table[name], args.out, stems[name]) for name in names]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         for name, rc, text in pool.map(_one, jobs):
             print(f"=== {name} (exit {rc}): binopt {' '.join(table[name])}")
             print(text)
     if "toy_bar" in names:
-        verdict = check_bar(Path(args.out) / "variance_toy_bar.json")
+        verdict = check_bar(Path(args.out) / f"{stems['toy_bar']}.json")
         for label, v in verdict["settings"].items():
             zs = ", ".join(f"{e} z={a['z']:+.2f}" for e, a in v["agreement"].items())
             print(

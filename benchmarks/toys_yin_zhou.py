@@ -1,8 +1,17 @@
 """Yin-Zhou toy: training curves of every estimator for p0 in {0.49, 0.499, 0.501, 0.51}.
 
 Same computation and output format as ``binopt toy`` (``applications/toys/toy_cli.py``),
-with the four values of ``p0`` run in parallel processes. Writes
-``benchmarks/results/toys_yin_zhou_<name>.json`` and ``.png``.
+with the four values of ``p0`` run in parallel processes.
+
+Writes ``toys_yin_zhou_<name>.json`` and ``.png`` into the folder ``--out`` (default
+``benchmarks/results``). ``--name`` is taken as given (the committed ``D1`` and ``D20``
+results were written with ``--name D1`` and ``--name D20``, below). Without it the name is
+``D1`` with the default settings (``--dim 1``: the committed ``toys_yin_zhou_D1.*``) and
+otherwise the options that differ from the defaults (``--dim 20`` writes
+``toys_yin_zhou_dim-20.*``, ``--steps 100 --seeds 2`` ``toys_yin_zhou_seeds-2_steps-100.*``;
+see :func:`output_stem`), so that such a run never overwrites a committed result.
+``--workers`` and ``--out`` are left out of the name: every run is seeded and runs on one
+thread, so the number of processes does not change the results.
 
 Usage::
 
@@ -35,6 +44,7 @@ from applications.toys._common import (  # noqa: E402
 from applications.toys.plotting import plot_toy_curves  # noqa: E402
 from applications.toys.toy_cli import _print_summary  # noqa: E402
 from applications.toys.yin_zhou import P0_VALUES, YinZhouToy, train_toy  # noqa: E402
+from benchmarks._output import changed_settings, settings_slug  # noqa: E402
 
 ALL = "reinforce,reinforce_loo,arm,disarm,straight_through,gumbel,hard_concrete,exact"
 
@@ -55,8 +65,7 @@ def _job(job: dict) -> dict:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--p0", type=float, nargs="+", default=list(P0_VALUES))
     p.add_argument("--dim", type=int, default=1)
@@ -68,9 +77,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--variance-samples", type=int, default=2000)
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--name", default="D1")
-    p.add_argument("--out", default=default_results_dir(ROOT))
-    args = p.parse_args(argv)
+    p.add_argument("--name", default=None,
+                   help="file name stem after toys_yin_zhou_, taken as given (default: D1 "
+                   "with the default settings, else the options that differ)")
+    p.add_argument("--out", default=default_results_dir(ROOT), help="output folder")
+    return p
+
+
+def output_stem(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """``toys_yin_zhou_<--name>``; without ``--name`` ``toys_yin_zhou_D1`` with the default
+    settings and ``toys_yin_zhou_<settings>`` otherwise, naming the options that differ
+    (:func:`benchmarks._output.settings_slug`; ``--workers`` and ``--out`` left out)."""
+    if args.name is not None:
+        return f"toys_yin_zhou_{args.name}"
+    changed = changed_settings(args, parser, ignore={"workers", "name"})
+    return f"toys_yin_zhou_{settings_slug(changed) if changed else 'D1'}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    stem = output_stem(args, parser)
     jobs = [
         dict(
             p0=p0,
@@ -91,7 +119,6 @@ def main(argv: list[str] | None = None) -> None:
     wall = time.time() - t0
     _print_summary(runs)
     out = Path(args.out)
-    stem = f"toys_yin_zhou_{args.name}"
     command = " ".join(["python benchmarks/toys_yin_zhou.py", *(shlex.quote(a) for a in argv)])
     write_json(
         out / f"{stem}.json",

@@ -22,10 +22,25 @@ The study is resumable: rerunning the command continues the journal in ``--out``
 run loses at most the trials in flight, which are retried). ``--report-only`` rebuilds the
 result files from the journal without training.
 
+Output names
+------------
+With the default settings the result files are the committed ones in
+``benchmarks/results/``: ``tune_mnist5k.json`` and ``tune_mnist5k_{pareto.md,pareto.png,
+pareto.html,best_trials.json,trials.json}``, and the study folder is
+``runs/tune/mnist5k-bench-gatelr``. A run with other settings puts ``_<settings>``, the
+options that differ from the defaults, after ``tune_mnist5k`` in every file name
+(``--trials 6 --epochs 5`` writes ``tune_mnist5k_epochs-5_trials-6.json``,
+``tune_mnist5k_epochs-5_trials-6_pareto.png``, ...; see :func:`output_stem`) and after
+the default study folder's name, so it neither overwrites the committed results nor
+continues the default study's journal (nor retrains its dense reference). Left out of the
+names, because they do not change the study: ``--jobs`` and ``--threads`` (how the trials
+are spread over processes and threads), ``--out`` and ``--results`` (locations) and
+``--report-only`` (rebuilds the files of the study the other options name).
+
 Usage::
 
     python benchmarks/tune_mnist5k.py                      # 24 trials, 2 workers
-    python benchmarks/tune_mnist5k.py --trials 6 --epochs 5 --out /tmp/tune-smoke
+    python benchmarks/tune_mnist5k.py --trials 6 --epochs 5  # tune_mnist5k_epochs-5_trials-6*
 """
 
 from __future__ import annotations
@@ -43,13 +58,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks._output import settings_stem  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
-PREFIX = "tune_mnist5k_"
+STEM = "tune_mnist5k"
+#: The default study folder (``--out``) of a run with the default settings.
+STUDY_DIR = ROOT / "runs" / "tune" / "mnist5k-bench-gatelr"
+#: Options that do not change the study (see "Output names" in the module docstring).
+_NOT_SETTINGS = frozenset({"jobs", "threads", "results", "report_only"})
 BAR_POINTS = 0.01  # within 1.0 point of the dense error
 BAR_FLOPS = 0.10  # with at most 10% of FLOPs kept
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=24)
     p.add_argument("--jobs", type=int, default=2)
@@ -63,12 +84,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
     p.add_argument("--startup-trials", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--out", default=str(ROOT / "runs" / "tune" / "mnist5k-bench-gatelr"),
-                   help="study folder (journal, trial runs, dense baseline)")
-    p.add_argument("--results", default=str(RESULTS), help="where the result files go")
+    p.add_argument("--out", default=None,
+                   help="study folder (journal, trial runs, dense baseline); default "
+                   "runs/tune/mnist5k-bench-gatelr, with _<settings> appended when options "
+                   "other than --jobs/--threads/--results/--report-only differ from the "
+                   "defaults")
+    p.add_argument("--results", default=str(RESULTS),
+                   help="where the result files go (tune_mnist5k.json and "
+                   "tune_mnist5k_*: the committed names with the default settings, else "
+                   "tune_mnist5k_<settings>.json and tune_mnist5k_<settings>_*)")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild the result files from the journal; train nothing")
-    return p.parse_args(argv)
+    return p
+
+
+def output_stem(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """``tune_mnist5k`` with the default settings, else ``tune_mnist5k_<settings>`` naming
+    the options that differ (:func:`benchmarks._output.settings_stem`; the options in
+    :data:`_NOT_SETTINGS` and ``--out`` are left out). The result files are
+    ``RESULTS/<stem>.json`` and ``RESULTS/<stem>_{pareto.md,pareto.png,pareto.html,
+    best_trials.json,trials.json}``."""
+    return settings_stem(STEM, args, parser, ignore=_NOT_SETTINGS)
+
+
+def study_dir(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
+    """``--out``, or by default :data:`STUDY_DIR` with the settings part of
+    :func:`output_stem` appended (``mnist5k-bench-gatelr_epochs-5_trials-6``)."""
+    if args.out is not None:
+        return Path(args.out)
+    return STUDY_DIR.with_name(STUDY_DIR.name + output_stem(args, parser)[len(STEM):])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, with ``--out`` resolved (:func:`study_dir`) and ``stem`` set to
+    :func:`output_stem`."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.stem = output_stem(args, parser)
+    args.out = str(study_dir(args, parser))
+    return args
 
 
 def dense_reference(args: argparse.Namespace) -> dict:
@@ -129,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         study = run_study(settings)
     set_reference(study, test_error=dense["dense_test_error"],
                   val_error=dense.get("dense_val_error"), label="dense MLP")
-    rep, paths = write_report(study, args.results, prefix=PREFIX)
+    rep, paths = write_report(study, args.results, prefix=f"{args.stem}_")
 
     dense_err = float(dense["dense_test_error"])
     dense_val = dense.get("dense_val_error")
@@ -190,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             "trials_meeting_it_on_test_error_anywhere": [{k: r[k] for k in keys}
                                                          for r in any_trial],
         },
-        "command": " ".join(["python", *(shlex.quote(a) for a in sys.argv)]),
+        "command": " ".join(["python", *(shlex.quote(a) for a in (
+            sys.argv if argv is None else ["benchmarks/tune_mnist5k.py", *argv]))]),
         "study": {"name": settings.study_name, "storage": settings.storage,
                   "trials": args.trials, "jobs": args.jobs, "threads": args.threads,
                   "epochs": args.epochs,
@@ -210,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         "files": {k: str(Path(v).relative_to(ROOT)) if Path(v).is_relative_to(ROOT) else str(v)
                   for k, v in paths.items()},
     }
-    summary_path = Path(args.results) / "tune_mnist5k.json"
+    summary_path = Path(args.results) / f"{args.stem}.json"
     summary_path.write_text(json.dumps(result, indent=2) + "\n")
 
     from applications.tune.report import format_report

@@ -495,6 +495,20 @@ def test_benchmark_output_slug_rules(load_benchmark):
     # a mapping works as well as a namespace; keys the parser does not define are left out
     assert settings_path("s", {"n": 4, "extra": 1}, parser).name == "s_n-4.json"
 
+    # the name part alone (scripts that write several files or take a folder), and the
+    # defaults of a parser with a positional argument (base_argv)
+    from benchmarks._output import settings_stem
+
+    assert settings_stem("stem", parser.parse_args([]), parser) == "stem"
+    assert settings_stem("stem", parser.parse_args(["--n", "4"]), parser) == "stem_n-4"
+    positional = argparse.ArgumentParser()
+    positional.add_argument("experiment")
+    positional.add_argument("--n", type=int, default=3)
+    assert settings_stem("e", positional.parse_args(["a"]), positional,
+                         base_argv=["a"]) == "e"
+    assert settings_stem("e", positional.parse_args(["a", "--n", "1"]), positional,
+                         base_argv=["a"]) == "e_n-1"
+
 
 def test_sparsify_benchmark_reuse_across_revisions(tmp_path, monkeypatch, load_benchmark):
     import json
@@ -533,6 +547,62 @@ def test_sparsify_benchmark_reuse_across_revisions(tmp_path, monkeypatch, load_b
     assert not run(None)["reused"]  # no git: the revision cannot be checked, so re-run
     assert bench.git_revision(tmp_path) is None  # not a repository: tolerated
     assert bench._may_reuse("same-revision", None, None) is False
+
+
+def test_sparsify_benchmark_output_names(load_benchmark):
+    """The default settings (and the documented command) write the committed
+    sparsify_mnist5k.{json,md,png}; other seeds or models write names that spell them out."""
+    bench = load_benchmark("sparsify_mnist5k")
+    parser = bench.build_parser()
+
+    def stem(*argv):
+        return bench.output_stem(parser.parse_args(list(argv)), parser)
+
+    committed = "sparsify_mnist5k"
+    assert stem() == committed
+    # options that do not change what is measured, and the defaults spelled out or reordered
+    assert stem("--workers", "4", "--runs", "/tmp/r", "--results", "/tmp/x",
+                "--reuse", "never") == committed
+    assert stem("--seeds", "4", "3", "2", "1", "0", "--models", "lenet5", "mlp") == committed
+    assert stem("--replot") == committed
+    assert stem("--models", "mlp", "--seeds", "0") == "sparsify_mnist5k_models-mlp_seeds-0"
+    assert stem("--seeds", "0", "1") == "sparsify_mnist5k_seeds-0+1"
+    assert stem("--models", "lenet5") == "sparsify_mnist5k_models-lenet5"
+    assert stem("--quick") == stem("--quick", "--seeds", "3") == "sparsify_mnist5k_quick"
+
+
+def test_sparsify_benchmark_writes_settings_names(tmp_path, monkeypatch, load_benchmark):
+    """main() (training faked) writes a partial run under its settings name, the .md links
+    that name's figure, and --replot re-renders the same files; the committed names stay
+    untouched."""
+    import json
+
+    bench = load_benchmark("sparsify_mnist5k")
+
+    def fake_run(spec):
+        return {"git_revision": None, "git_revisions": [None], "reused": False,
+                "rerun_note": None, "model": spec["model"], "method": spec["kind"],
+                "lambda": spec["lam"], "seed": spec["seed"], "epochs": spec["epochs"],
+                "test_error": 0.05, "params_kept_fraction": 0.1, "flops_kept_fraction": 0.1,
+                "expected_kept_fraction": 0.1, "architecture": "1-1-1",
+                "dense_architecture": "784-300-100", "train_time_s": 1.0,
+                "wall_time_s": 1.0, "num_train": 4000, "num_test": 1000, "out": spec["out"]}
+
+    monkeypatch.setattr(bench, "run_one", fake_run)
+    monkeypatch.setattr(bench, "plot", lambda payload, path: path.write_text("png"))
+    argv = ["--models", "mlp", "--seeds", "0", "--workers", "1", "--results", str(tmp_path),
+            "--runs", str(tmp_path / "runs")]
+    assert bench.main(argv) == 0
+    stem = "sparsify_mnist5k_models-mlp_seeds-0"
+    assert sorted(f.name for f in tmp_path.iterdir() if f.is_file()) == [
+        f"{stem}.json", f"{stem}.md", f"{stem}.png"]
+    payload = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert payload["benchmark"] == stem and payload["argv"][1:] == argv
+    assert f"]({stem}.png)" in (tmp_path / f"{stem}.md").read_text()
+    (tmp_path / f"{stem}.md").unlink()
+    assert bench.main([*argv, "--replot"]) == 0
+    assert (tmp_path / f"{stem}.md").exists()
+    assert not (tmp_path / "sparsify_mnist5k.json").exists()
 
 
 def test_export_speed_bar_not_evaluated_without_pruned_rows(tmp_path, load_benchmark):
