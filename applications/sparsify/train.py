@@ -282,7 +282,7 @@ class TrainConfig:
     @property
     def effective_parameterization(self) -> str:
         """The parameterization actually used (``"sigmoid"`` for hard concrete)."""
-        if _is_hard_concrete(self.estimator):
+        if is_hard_concrete(self.estimator):
             return "sigmoid"
         return _norm(self.parameterization)
 
@@ -315,7 +315,7 @@ class TrainConfig:
             raise ConfigError(f"bad estimator options {self.estimator_options}: {exc}") from None
         except TypeError as exc:
             raise ConfigError(f"bad estimator options {self.estimator_options}: {exc}") from None
-        if not _is_hard_concrete(self.estimator):
+        if not is_hard_concrete(self.estimator):
             _check_choice("parameterization", self.parameterization, PARAMETERIZATIONS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
@@ -360,7 +360,9 @@ def _norm(name: str) -> str:
     return str(name).strip().lower().replace("-", "_")
 
 
-def _is_hard_concrete(estimator: str) -> bool:
+def is_hard_concrete(estimator: object) -> bool:
+    """Whether ``estimator`` (a name, class or instance) is hard concrete, whose own gate
+    makes the parameterization settings (``parameterization``, ``k``) do nothing."""
     try:
         return isinstance(binopt.get_estimator(estimator), binopt.HardConcrete)
     except (ValueError, TypeError):

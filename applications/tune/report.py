@@ -33,8 +33,6 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-import binopt
-
 from ..errors import UserError
 from .space import RELAXED_PARAMETERIZATION
 from .study import ATTR, counts_toward_budget
@@ -104,8 +102,10 @@ def sparsify_command(config: Mapping[str, Any], out: str | Path) -> str:
         raise ValueError(f"no binopt sparsify option for the training setting(s) "
                          f"{', '.join(unknown)}; known: {', '.join(SPARSIFY_OPTIONS)}")
     args = ["binopt", "sparsify"]
+    from applications.sparsify.train import is_hard_concrete
+
     # hard concrete brings its own gate: the parameterization and its slope do nothing
-    unused = {"parameterization", "k"} if _is_hard_concrete(config.get("estimator")) else set()
+    unused = {"parameterization", "k"} if is_hard_concrete(config.get("estimator")) else set()
     for name, option in SPARSIFY_OPTIONS.items():
         value = config.get(name)
         if option is None or value is None or value is False or value == {} or name in unused:
@@ -118,13 +118,6 @@ def sparsify_command(config: Mapping[str, Any], out: str | Path) -> str:
             args += [option, _option_value(value)]
     args += ["--out", str(out)]
     return shlex.join(args)
-
-
-def _is_hard_concrete(estimator: object) -> bool:
-    try:
-        return isinstance(binopt.get_estimator(estimator), binopt.HardConcrete)
-    except (ValueError, TypeError):
-        return False
 
 
 def retrain_folder(record: Mapping[str, Any]) -> Path:
