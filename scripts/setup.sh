@@ -145,3 +145,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   printf '%s\n' "$want" >"$stamp"
 fi
 "$VPY" -c "import torch, binopt; print(f'[setup] binopt {binopt.__version__}, torch {torch.__version__}, cuda={torch.cuda.is_available()}')"
+# The compiled CPU kernel of L0-ARM's MLP step (applications/sparsify/cpu_extension.py):
+# built once here (about 30 s, cached under ~/.cache/torch_extensions), so that the first
+# training run does not pause for it. Without a C++ compiler it is skipped and training
+# uses the Python implementation (same results, slower); this never fails the setup.
+"$VPY" -m applications.sparsify.cpu_extension | sed 's/^/[setup] /' ||
+  say "could not check the compiled CPU kernel; training falls back to Python"

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_extension
 from .layers import DENSE_FRACTION, L0Linear, _take, sequence_steps
 from .layers import _tensor as _index
 
@@ -247,15 +248,46 @@ class SlicedLinearChain:
         scaled by the sum of the gradients flowing into the ``S`` losses.
         """
         plan = self.plan(masks, x.dtype)
+        return _ChainLosses.apply(self, plan, loss_fn, x, y, *self._flat_params())
+
+    def flat_losses(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        z: torch.Tensor,
+        starts: Mapping[str, int],
+        loss_fn: Callable[..., torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`losses` from the flat gate sample ``z`` (``(S, units)``, 0/1, no gradient)
+        of which gate ``name``'s units start at column ``starts[name]``.
+
+        With the compiled kernel (:mod:`.cpu_extension`) the bookkeeping of :meth:`plan`
+        is done there too, from ``z`` itself; otherwise this is :meth:`losses`.
+        """
+        ext = cpu_extension.load() if x.device.type == "cpu" else None
+        if ext is None:
+            zn = z.detach().numpy() != 0
+            masks = {n: zn[:, starts[n]:starts[n] + layer.in_features]
+                     for n, layer in zip(self.names, self.layers) if n is not None}
+            return self.losses(x, y, masks, loss_fn)
+        cols, masks, shared_off, extra, first_off = ext.plan(
+            z.detach(), [-1 if n is None else starts[n] for n in self.names],
+            [layer.in_features for layer in self.layers],
+            [layer.out_features for layer in self.layers], x, float(DENSE_FRACTION),
+            int(SHARED_FIRST_LAYER_MACS))
+        plan = _KernelPlan(z.shape[0], cols, masks, shared_off, extra, first_off)
+        return _ChainLosses.apply(self, plan, loss_fn, x, y, *self._flat_params())
+
+    # ------------------------------------------------------------------ internals
+    def _flat_params(self) -> list[torch.Tensor]:
         params = []
         for layer in self.layers:  # the parameter dicts: nn.Module.__getattr__ is slow
             p = layer._parameters
             params.append(p["weight"])
             if p.get("bias") is not None:
                 params.append(p["bias"])
-        return _ChainLosses.apply(self, plan, loss_fn, x, y, *params)
+        return params
 
-    # ------------------------------------------------------------------ internals
     def _params(self, flat: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         it = iter(flat)
         return [(next(it), next(it) if layer._parameters.get("bias") is not None else None)
@@ -324,6 +356,30 @@ def _is_cross_entropy(loss_fn: Callable, y: torch.Tensor) -> bool:
     return loss_fn is F.cross_entropy and y.dtype == torch.int64 and y.dim() == 1
 
 
+class _KernelPlan:
+    """A step's index bookkeeping in the form the compiled kernel takes (tensors; ``None``:
+    all units; see ``csrc/linear_chain.cpp``): made by the kernel's own ``plan`` from the
+    flat gate sample (:meth:`SlicedLinearChain.flat_losses`), or converted from a
+    :class:`_Plan` (:meth:`SlicedLinearChain.losses`)."""
+
+    __slots__ = ("samples", "cols", "masks", "shared_off", "extra", "first_off")
+
+    def __init__(self, samples, cols, masks, shared_off, extra, first_off) -> None:
+        self.samples = samples
+        self.cols, self.masks = cols, masks
+        self.shared_off, self.extra, self.first_off = shared_off, extra, first_off
+
+    @classmethod
+    def from_plan(cls, plan: _Plan) -> _KernelPlan:
+        split = plan.extra is not None
+        return cls(
+            plan.samples, [None if c is None else _index(c) for c in plan.cols], plan.masks,
+            _index(plan.shared_off) if split else None,
+            [_index(e) for e in plan.extra] if split else [],
+            _index(plan.first_off[-1]) if split else None,
+        )
+
+
 class _ChainLosses(torch.autograd.Function):
     """See :meth:`SlicedLinearChain.losses`."""
 
@@ -334,31 +390,49 @@ class _ChainLosses(torch.autograd.Function):
             x = x.flatten(1)
         params = chain._params(flat_params)
         fast = _is_cross_entropy(loss_fn, y)
+        ext = cpu_extension.load() if x.device.type == "cpu" else None
+        s_all, batch = plan.samples, x.shape[0]
         # plain cross-entropy works on the transposed outputs: log-softmax over a short
         # leading dimension is several times faster than over a short last one
-        out, inputs, stacked = chain._forward(x, plan, params, transpose_out=fast)
-        s_all, batch = plan.samples, x.shape[0]
-        ys = torch.cat([y] * s_all) if stacked else y
-        if fast:
+        if ext is not None:  # compiled (cpu_extension.py)
+            kp = plan if isinstance(plan, _KernelPlan) else _KernelPlan.from_plan(plan)
+            weights, biases = [w for w, _ in params], [b for _, b in params]
+            out, hs, blocks, stacked = ext.chain_forward(
+                x, weights, biases, kp.cols, kp.masks, kp.shared_off, kp.extra, fast)
+            inputs = list(zip(hs, blocks))
+            ctx.kernel_args = kp, weights, biases
+        else:
+            out, inputs, stacked = chain._forward(x, plan, params, transpose_out=fast)
+        ys = None
+        if fast and ext is not None:
+            values, ctx.g_ce, fast = ext.ce_forward(out, y, s_all, stacked)
+            if fast:
+                logits = out[:, -batch:].t()
+            else:  # a label out of range, e.g. ignore_index -100: F.cross_entropy knows
+                out = out.t()
+        elif fast:
+            ys = torch.cat([y] * s_all) if stacked else y
             logp = F.log_softmax(out, 0)
             try:
                 picked_index = ys.unsqueeze(0)
                 picked = logp.gather(0, picked_index)
             except (RuntimeError, IndexError):  # a label out of range, e.g. ignore_index
                 fast, out = False, out.t()      # -100: F.cross_entropy knows what to do
-        if fast:
-            nll = picked.view(-1, batch).sum(1).mul_(-1.0 / batch)
-            values = nll if stacked else nll.repeat(s_all)
-            ctx.logp, ctx.y_row = logp[:, -batch:], picked_index[:, -batch:]
-            logits = out[:, -batch:].t()
-        else:
+            if fast:
+                nll = picked.view(-1, batch).sum(1).mul_(-1.0 / batch)
+                values = nll if stacked else nll.repeat(s_all)
+                ctx.logp, ctx.y_row = logp[:, -batch:], picked_index[:, -batch:]
+                logits = out[:, -batch:].t()
+        if not fast:
+            if ys is None:
+                ys = torch.cat([y] * s_all) if stacked else y
             with torch.enable_grad():  # the loss's own graph, for its gradient in backward
                 ctx.leaf = out.detach().requires_grad_()
                 per = loss_fn(ctx.leaf, ys, reduction="none").view(-1, batch).mean(1)
                 ctx.last_loss = per[-1]
             values = per.detach() if stacked else per.detach().repeat(s_all)
             logits = out[-batch:]
-        ctx.fast_ce = fast
+        ctx.fast_ce, ctx.ext = fast, ext
         ctx.chain, ctx.plan, ctx.x, ctx.inputs, ctx.params = chain, plan, x, inputs, params
         ctx.mark_non_differentiable(logits)
         return values, logits
@@ -369,16 +443,35 @@ class _ChainLosses(torch.autograd.Function):
         need = ctx.needs_input_grad[5:]
         grads: list[torch.Tensor | None] = [None] * len(need)
         if grad_values is not None and any(need):
-            transposed = ctx.fast_ce
+            transposed, ext = ctx.fast_ce, ctx.ext
+            batch = ctx.x.shape[0]
+            if ext is not None:  # (cpu_extension.py)
+                factor = None
+                if transposed:  # ce_forward's softmax - onehot, times the sum of grads / B
+                    g = ctx.g_ce
+                    factor = grad_values, _ce_constants(grad_values.shape[0], batch,
+                                                        g.dtype)[1]
+                else:
+                    (g,) = torch.autograd.grad(ctx.last_loss, ctx.leaf, grad_values.sum())
+                    g = g[-batch:]
+                kp, weights, biases = ctx.kernel_args
+                out_grads = ext.chain_backward(
+                    g, *(factor or (None, None)), transposed, weights, biases, kp.cols,
+                    [h for h, _ in ctx.inputs], [wb for _, wb in ctx.inputs], kp.first_off,
+                    batch)
+                flat_grads = [gr for i, gr in enumerate(out_grads) if i % 2 == 0
+                              or biases[i // 2] is not None]
+                grads = [gr if n else None for gr, n in zip(flat_grads, need)]
+                ctx.x = ctx.inputs = ctx.params = ctx.g_ce = ctx.kernel_args = None
+                ctx.leaf = ctx.last_loss = None
+                return (None, None, None, None, None, *grads)
             if transposed:  # d mean CE / d logits = (softmax - onehot) / B, transposed
                 g = ctx.logp.exp()
-                batch = g.shape[1]
                 minus_one, scale = _ce_constants(grad_values.shape[0], batch, g.dtype)
                 g.scatter_add_(0, ctx.y_row, minus_one)
                 g = g.mul_(torch.dot(grad_values, scale))  # sum of the gradients / B
             else:
                 (g,) = torch.autograd.grad(ctx.last_loss, ctx.leaf, grad_values.sum())
-                batch = ctx.x.shape[0]
                 g = g[-batch:]
             last = len(chain.layers) - 1
             per_layer = []
@@ -409,6 +502,7 @@ class _ChainLosses(torch.autograd.Function):
                     flat_grads.append(gb)
             grads = [gr if n else None for gr, n in zip(flat_grads, need)]
         ctx.x = ctx.inputs = ctx.params = ctx.logp = ctx.leaf = ctx.last_loss = None
+        ctx.kernel_args = None
         return (None, None, None, None, None, *grads)
 
 

@@ -305,9 +305,8 @@ class GatedNetwork(nn.Module):
                     and zflat.dtype in (torch.float32, torch.float64)
                     and (last_only or zflat.shape[0] == 1)):
                 # an MLP: the whole sliced pass as one autograd node (linear_chain.py)
-                zn = zflat.detach().numpy() != 0
-                masks = {n: zn[:, sl] for n, sl in zip(names, self._slices)}
-                values, logits = chain.losses(x, y, masks, loss_fn)
+                starts = {n: sl.start for n, sl in zip(names, self._slices)}
+                values, logits = chain.flat_losses(x, y, zflat, starts, loss_fn)
                 last_out.append(logits)
                 return values
             z = dict(zip(names, zflat.split(sizes, 1))) if zflat is not None else {}

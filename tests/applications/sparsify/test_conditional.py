@@ -26,7 +26,7 @@ from applications.sparsify.network import GatedNetwork, _chain_plan, conditional
 RTOL = 1e-9
 
 
-pytestmark = pytest.mark.usefixtures("float64", "one_thread")
+pytestmark = pytest.mark.usefixtures("float64", "one_thread", "chain_implementation")
 
 
 def _models() -> dict[str, tuple]:

@@ -30,7 +30,7 @@ from applications.sparsify.network import GatedNetwork
 RTOL, ATOL = 1e-9, 1e-12
 
 
-pytestmark = pytest.mark.usefixtures("float64")
+pytestmark = pytest.mark.usefixtures("float64", "chain_implementation")
 
 
 def _set_probs(net: GatedNetwork, probs_for) -> None:
@@ -68,19 +68,20 @@ def _step(module, x, y, estimator="arm", conditional=True, seed=3, loss_fn=F.cro
 
 @contextlib.contextmanager
 def _counting_fused_calls():
-    """Count the calls of the fused pass (``SlicedLinearChain.losses``) inside the block."""
+    """Count the calls of the fused pass (``SlicedLinearChain.flat_losses``, which
+    :class:`GatedNetwork` calls) inside the block."""
     calls = {"n": 0}
-    original = SlicedLinearChain.losses
+    original = SlicedLinearChain.flat_losses
 
     def counting(self, *a, **k):
         calls["n"] += 1
         return original(self, *a, **k)
 
-    SlicedLinearChain.losses = counting
+    SlicedLinearChain.flat_losses = counting
     try:
         yield calls
     finally:
-        SlicedLinearChain.losses = original
+        SlicedLinearChain.flat_losses = original
 
 
 def _assert_same_step(module, x, y, *, calls_expected=True, **kwargs):
