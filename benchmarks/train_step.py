@@ -20,8 +20,10 @@ Variants: dense; L0-ARM (the defaults: one-pass ARM with the weight gradient fro
 ``z = 1[u < pi]`` sample, conditional computation on); ablations of L0-ARM without
 conditional computation, with the weight gradient averaged over both samples, and with
 both (the stacked, masked pass from before issue #5); for the MLP, the generic sliced pass
-instead of the fused one of :mod:`applications.sparsify.linear_chain`; L0-HC (hard
-concrete, one sample) for reference; for the MLP, :class:`MinimalMLPARM`, a hand-written
+instead of the fused one of :mod:`applications.sparsify.linear_chain`, and the fused one
+without its compiled kernel (:mod:`applications.sparsify.cpu_extension`; the other MLP
+L0-ARM rows use it where it could be built, see ``settings.cpu_kernel`` in the JSON);
+L0-HC (hard concrete, one sample) for reference; for the MLP, :class:`MinimalMLPARM`, a hand-written
 ARM step without the library's generality (two plain sliced passes), for comparison; and
 the dense network stepped without :class:`GatedNetwork` (plain module and loss) for
 information.
@@ -64,6 +66,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from applications.sparsify import cpu_extension  # noqa: E402
 from applications.sparsify.denormals import flush_denormals  # noqa: E402
 from applications.sparsify.models import lenet5_caffe, mlp  # noqa: E402
 from applications.sparsify.network import GatedNetwork  # noqa: E402
@@ -130,6 +133,9 @@ def variants(model: str) -> list[dict[str, Any]]:
             out.append({"name": f"L0-ARM {state}, generic sliced pass", "gated": True,
                         "state": state, "estimator": "arm", "options": {},
                         "generic_chain": True})
+            out.append({"name": f"L0-ARM {state}, fused pass in Python", "gated": True,
+                        "state": state, "estimator": "arm", "options": {},
+                        "python_chain": True})
         if model == "mlp" and state == "sparse":
             out.append({"name": f"L0-ARM {state}, hand-written floor", "gated": True,
                         "state": state, "estimator": "arm", "options": {}, "minimal": True})
@@ -199,6 +205,12 @@ def build(model: str, spec: dict[str, Any], fused: bool, seed: int):
         return (lambda x, y: F.cross_entropy(module(x), y)), opt
     if spec.get("minimal"):
         return MinimalMLPARM(net).objective, opt
+    if spec.get("python_chain"):  # the fused pass without the compiled kernel
+        def objective(x, y):
+            with cpu_extension.disabled():
+                return net.objective(x, y).loss
+
+        return objective, opt
     return (lambda x, y: net.objective(x, y).loss), opt
 
 
@@ -358,6 +370,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else default_out(args, parser)
     torch.set_num_threads(args.threads)
+    cpu_extension.load()  # (a build, if needed, before the timing starts)
+    print(f"compiled CPU kernel of the linear chain: {cpu_extension.status()}")
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     started = time.time()
     rows: list[dict[str, Any]] = []
@@ -386,6 +400,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "optimizer": "Adam(lr=1e-3" + (")" if args.no_fused else ", fused=True)"),
             "seed": args.seed,
             "flush_denormals": True,
+            # the MLP's L0-ARM rows use the compiled kernel unless this says otherwise
+            "cpu_kernel": cpu_extension.status(),
         },
         "argv": list(sys.argv) if argv is None else [f"benchmarks/{Path(__file__).name}", *argv],
         "args": {**vars(args), "out": str(out)},

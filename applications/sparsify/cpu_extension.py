@@ -7,8 +7,10 @@ arithmetic, so ``csrc/linear_chain.cpp`` does the same computation in C++: the g
 the scatters into zero gradients, the cross-entropy and the index bookkeeping as plain
 loops, the matrix products with ATen's BLAS. Its results agree with the Python
 implementation's to float rounding (the cross-entropy accumulates in double precision),
-and the tests check both against the masked computation. It is compiled with :func:`torch.utils.cpp_extension.load` the first time a chain
-runs, which takes about 30 seconds once; later processes load the cached build (under
+and the tests check both against the masked computation.
+
+It is compiled with :func:`torch.utils.cpp_extension.load` the first time a chain runs,
+which takes about 30 seconds once; later processes load the cached build (under
 ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) in well under a
 second.
 
@@ -33,12 +35,14 @@ import shutil
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-__all__ = ["ENV_VAR", "SOURCE", "load", "status"]
+__all__ = ["ENV_VAR", "SOURCE", "disabled", "load", "status"]
 
 #: Set to ``0`` (or ``off``, ``false``, ``no``) to never build or load the kernel.
 ENV_VAR = "BINOPT_CPU_EXTENSION"
@@ -139,6 +143,22 @@ def status() -> str:
     """``"compiled"``, or why the Python implementation is used (``"not loaded yet"``
     before the first :func:`load`)."""
     return str(_state["reason"])
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Inside the block, chains that start there use the Python implementation (to compare
+    the two, or to rule the kernel out while debugging). Not thread-safe: it switches the
+    kernel off for the whole process."""
+    load()
+    saved = dict(_state)
+    with _lock:
+        _state.update(module=None)
+    try:
+        yield
+    finally:
+        with _lock:
+            _state.update(module=saved["module"])
 
 
 def _reset() -> None:

@@ -98,6 +98,22 @@ def test_path_is_restored_after_a_build(fresh_state, monkeypatch):
     assert seen["path"].split(os.pathsep)[0] == cpu_extension._ninja_dir()
 
 
+def test_disabled_switches_to_python_and_back(monkeypatch):
+    ext = _kernel()
+    calls = []
+    monkeypatch.setattr(linear_chain._ChainLosses, "apply", lambda *a: calls.append(
+        cpu_extension.load()) or (torch.zeros(2), torch.zeros(1)))
+    chain = _chain()
+    z = torch.ones(2, sum(layer.in_features for layer in chain.layers))
+    starts, _ = _starts(chain)
+    x, y = torch.randn(3, 20), torch.randint(0, 3, (3,))
+    with cpu_extension.disabled():
+        assert cpu_extension.load() is None
+        chain.flat_losses(x, y, z, starts, torch.nn.functional.cross_entropy)
+    assert cpu_extension.load() is ext
+    assert calls == [None]
+
+
 def test_module_name_carries_the_torch_version():
     name = cpu_extension._module_name()
     assert name.startswith("binopt_linear_chain_torch")
