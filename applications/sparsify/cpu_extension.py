@@ -150,21 +150,12 @@ def disabled() -> Iterator[None]:
     """Inside the block, chains that start there use the Python implementation (to compare
     the two, or to rule the kernel out while debugging). Not thread-safe: it switches the
     kernel off for the whole process."""
-    load()
-    saved = dict(_state)
-    with _lock:
-        _state.update(module=None)
+    module = load()
+    _state["module"] = None
     try:
         yield
     finally:
-        with _lock:
-            _state.update(module=saved["module"])
-
-
-def _reset() -> None:
-    """Forget the result of :func:`load` (tests)."""
-    with _lock:
-        _state.update(tried=False, module=None, reason="not loaded yet")
+        _state["module"] = module
 
 
 def main(argv: list[str] | None = None) -> int:

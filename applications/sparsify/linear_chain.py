@@ -350,6 +350,35 @@ class SlicedLinearChain:
         return h, inputs, stacked
 
 
+    def _backward(self, g: torch.Tensor, transposed: bool, batch: int, plan: _Plan, params,
+                  inputs) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per layer (in order), the last sample's ``(weight, bias)`` gradients, full size
+        and zero outside the blocks, from ``g``, the gradient with respect to its outputs
+        (``(classes, B)`` when ``transposed``, else ``(B, classes)``)."""
+        last = len(self.layers) - 1
+        per_layer = []
+        for i in range(last, -1, -1):
+            w, b = params[i]
+            rows = plan.cols[i + 1] if i < last else None
+            h, wb, flat = inputs[i]
+            cols = plan.cols[i]
+            if i == 0 and plan.extra is not None:  # split: the last sample's input
+                h = h.clone().index_fill_(1, _index(plan.first_off[-1]), 0)
+                flat = _flat_index(rows, cols, w.shape[1])
+            elif h.shape[0] != batch:
+                h = h[-batch:]
+            gt = g if transposed else g.t()  # (outputs, B)
+            gw = _scatter(gt.mm(h), w.shape, rows, cols, flat)
+            gb = None if b is None else _scatter(gt.sum(1), b.shape, rows, None, None)
+            per_layer.append((gw, gb))
+            if i:
+                # relu's derivative read off its output with the gates applied: a unit
+                # gated off in the last sample or below zero passes no gradient
+                g = torch.ops.aten.threshold_backward(
+                    g.t().mm(wb) if transposed else g.mm(wb), h, 0)
+                transposed = False
+        return per_layer[::-1]
+
 def _is_cross_entropy(loss_fn: Callable, y: torch.Tensor) -> bool:
     """Whether the loss is plain cross-entropy on class indices (its gradient is then
     written directly instead of taken by autograd, unless a label is out of range)."""
@@ -403,7 +432,6 @@ class _ChainLosses(torch.autograd.Function):
             ctx.kernel_args = kp, weights, biases
         else:
             out, inputs, stacked = chain._forward(x, plan, params, transpose_out=fast)
-        ys = None
         if fast and ext is not None:
             values, ctx.g_ce, fast = ext.ce_forward(out, y, s_all, stacked)
             if fast:
@@ -424,8 +452,7 @@ class _ChainLosses(torch.autograd.Function):
                 ctx.logp, ctx.y_row = logp[:, -batch:], picked_index[:, -batch:]
                 logits = out[:, -batch:].t()
         if not fast:
-            if ys is None:
-                ys = torch.cat([y] * s_all) if stacked else y
+            ys = torch.cat([y] * s_all) if stacked else y
             with torch.enable_grad():  # the loss's own graph, for its gradient in backward
                 ctx.leaf = out.detach().requires_grad_()
                 per = loss_fn(ctx.leaf, ys, reduction="none").view(-1, batch).mean(1)
@@ -445,64 +472,35 @@ class _ChainLosses(torch.autograd.Function):
         if grad_values is not None and any(need):
             transposed, ext = ctx.fast_ce, ctx.ext
             batch = ctx.x.shape[0]
+            factor = None  # the compiled kernel scales ce_forward's gradient itself
+            if not transposed:
+                (g,) = torch.autograd.grad(ctx.last_loss, ctx.leaf, grad_values.sum())
+                g = g[-batch:]
+            elif ext is not None:  # ce_forward's softmax - onehot, times the sum of grads / B
+                g = ctx.g_ce
+                factor = grad_values, _ce_constants(grad_values.shape[0], batch, g.dtype)[1]
+            else:  # d mean CE / d logits = (softmax - onehot) / B, transposed
+                g = ctx.logp.exp()
+                minus_one, scale = _ce_constants(grad_values.shape[0], batch, g.dtype)
+                g.scatter_add_(0, ctx.y_row, minus_one)
+                g = g.mul_(torch.dot(grad_values, scale))  # sum of the gradients / B
             if ext is not None:  # (cpu_extension.py)
-                factor = None
-                if transposed:  # ce_forward's softmax - onehot, times the sum of grads / B
-                    g = ctx.g_ce
-                    factor = grad_values, _ce_constants(grad_values.shape[0], batch,
-                                                        g.dtype)[1]
-                else:
-                    (g,) = torch.autograd.grad(ctx.last_loss, ctx.leaf, grad_values.sum())
-                    g = g[-batch:]
                 kp, weights, biases = ctx.kernel_args
                 out_grads = ext.chain_backward(
                     g, *(factor or (None, None)), transposed, weights, biases, kp.cols,
                     [h for h, _ in ctx.inputs], [wb for _, wb in ctx.inputs], kp.first_off,
                     batch)
-                flat_grads = [gr for i, gr in enumerate(out_grads) if i % 2 == 0
-                              or biases[i // 2] is not None]
-                grads = [gr if n else None for gr, n in zip(flat_grads, need)]
-                ctx.x = ctx.inputs = ctx.params = ctx.g_ce = ctx.kernel_args = None
-                ctx.leaf = ctx.last_loss = None
-                return (None, None, None, None, None, *grads)
-            if transposed:  # d mean CE / d logits = (softmax - onehot) / B, transposed
-                g = ctx.logp.exp()
-                minus_one, scale = _ce_constants(grad_values.shape[0], batch, g.dtype)
-                g.scatter_add_(0, ctx.y_row, minus_one)
-                g = g.mul_(torch.dot(grad_values, scale))  # sum of the gradients / B
+                per_layer = list(zip(out_grads[::2], out_grads[1::2]))
             else:
-                (g,) = torch.autograd.grad(ctx.last_loss, ctx.leaf, grad_values.sum())
-                g = g[-batch:]
-            last = len(chain.layers) - 1
-            per_layer = []
-            for i in range(last, -1, -1):
-                w, b = params[i]
-                rows = plan.cols[i + 1] if i < last else None
-                h, wb, flat = ctx.inputs[i]
-                cols = plan.cols[i]
-                if i == 0 and plan.extra is not None:  # split: the last sample's input
-                    h = h.clone().index_fill_(1, _index(plan.first_off[-1]), 0)
-                    flat = _flat_index(rows, cols, w.shape[1])
-                elif h.shape[0] != batch:
-                    h = h[-batch:]
-                gt = g if transposed else g.t()  # (outputs, B)
-                gw = _scatter(gt.mm(h), w.shape, rows, cols, flat)
-                gb = None if b is None else _scatter(gt.sum(1), b.shape, rows, None, None)
-                per_layer.append((gw, gb))
-                if i:
-                    # relu's derivative read off its output with the gates applied: a unit
-                    # gated off in the last sample or below zero passes no gradient
-                    g = torch.ops.aten.threshold_backward(
-                        g.t().mm(wb) if transposed else g.mm(wb), h, 0)
-                    transposed = False
+                per_layer = chain._backward(g, transposed, batch, plan, params, ctx.inputs)
             flat_grads = []
-            for (gw, gb), layer in zip(reversed(per_layer), chain.layers):
+            for (gw, gb), layer in zip(per_layer, chain.layers):
                 flat_grads.append(gw)
                 if layer._parameters.get("bias") is not None:
                     flat_grads.append(gb)
             grads = [gr if n else None for gr, n in zip(flat_grads, need)]
         ctx.x = ctx.inputs = ctx.params = ctx.logp = ctx.leaf = ctx.last_loss = None
-        ctx.kernel_args = None
+        ctx.g_ce = ctx.kernel_args = None
         return (None, None, None, None, None, *grads)
 
 

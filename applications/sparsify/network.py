@@ -176,6 +176,7 @@ class GatedNetwork(nn.Module):
         self._sizes = [layer.gate.num_units for layer in layers.values()]
         ends = np.cumsum(self._sizes).tolist()  # each layer's part of a flat gate sample
         self._slices = [slice(e - n, e) for e, n in zip(ends, self._sizes)]
+        self._starts = {name: sl.start for name, sl in zip(layers, self._slices)}
 
     # ------------------------------------------------------------------ options
     def _check_conditional(self, conditional: bool | str) -> bool | str:
@@ -305,8 +306,7 @@ class GatedNetwork(nn.Module):
                     and zflat.dtype in (torch.float32, torch.float64)
                     and (last_only or zflat.shape[0] == 1)):
                 # an MLP: the whole sliced pass as one autograd node (linear_chain.py)
-                starts = {n: sl.start for n, sl in zip(names, self._slices)}
-                values, logits = chain.flat_losses(x, y, zflat, starts, loss_fn)
+                values, logits = chain.flat_losses(x, y, zflat, self._starts, loss_fn)
                 last_out.append(logits)
                 return values
             z = dict(zip(names, zflat.split(sizes, 1))) if zflat is not None else {}

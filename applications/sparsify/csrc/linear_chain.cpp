@@ -113,10 +113,6 @@ Tensor scatter1d(const Tensor& v, const Tensor& like, const OptTensor& idx) {
   return scatter2d(v.view({-1, 1}), like.view({-1, 1}), idx, OptTensor()).view(-1);
 }
 
-Tensor block(const Tensor& w, const OptTensor& rows, const OptTensor& cols) {
-  return gather2d(w, rows, cols);
-}
-
 }  // namespace
 
 // SlicedLinearChain.plan, from the flat gate sample z (S, total) directly: per layer the
@@ -254,7 +250,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, bool> chain_forward
       // the positions every sample keeps, multiplied once; each sample adds its own
       Tensor common = h.clone();
       common.index_fill_(1, *shared_off, 0);
-      Tensor wb = block(w, rows, cols[0]);
+      Tensor wb = gather2d(w, rows, cols[0]);
       Tensor out = at::linear(common, wb, bb);
       std::vector<Tensor> per;
       per.reserve(extra.size());
@@ -276,7 +272,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, bool> chain_forward
         h = (h.reshape({-1, batch, n}) * *masks[i]).view({-1, n});
         stacked = true;
       }
-      Tensor wb = block(w, rows, cols[i]);
+      Tensor wb = gather2d(w, rows, cols[i]);
       inputs.push_back(h);
       blocks.push_back(wb);
       if (i == last && transpose_out) {
